@@ -1,0 +1,155 @@
+"""Sharding throughput next to a plain ``tar -cf`` of the same image files.
+
+    python bench/bench_shards.py                 # 5,000 random JPEGs (2-10 KB each)
+    python bench/bench_shards.py --small         # 200 images, a quick smoke run
+    python bench/bench_shards.py --corpus DIR    # an existing corpus: DIR/dataset_*.json + DIR/images
+
+Prints images/s for ``write_shards`` (in-process, first write into an empty folder) and for
+``tar -cf`` (a subprocess) of the same files, each the best of ``--repeat`` runs, and their ratio;
+the target is a ratio within 2x when no --resize is given. For scale it also times Python's own
+``tarfile`` adding the same files without any checks (the floor of a pure-Python writer), an
+up-to-date rerun (annotations + image checks + digest, nothing written) and ``verify_shards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from shards.manifest import verify_shards  # noqa: E402
+from shards.writer import write_shards  # noqa: E402
+
+
+def make_corpus(root: Path, n: int, seed: int = 0) -> Path:
+    """n random-noise JPEGs of 56-128 px (about 2-10 KB) in root/images, 80/10/10 split, 5 captions."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        side = int(rng.integers(56, 129))
+        arr = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=70)
+        name = f"{i:05d}.jpg"
+        (images / name).write_bytes(buf.getvalue())
+        split = "train" if i % 10 < 8 else ("val" if i % 10 == 8 else "test")
+        records.append({"filename": name, "imgid": i, "split": split,
+                        "sentences": [{"raw": f"a synthetic scene number {i}, view {j}"} for j in range(5)]})
+    ann = root / "dataset_bench.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "bench"}))
+    return ann
+
+
+def find_annotations(corpus: Path) -> Path:
+    if corpus.is_file():
+        return corpus
+    found = sorted(corpus.glob("dataset*.json")) + sorted(corpus.glob("*.jsonl")) + sorted(corpus.glob("*.csv"))
+    if not found:
+        raise SystemExit(f"{corpus}: no dataset*.json, *.jsonl or *.csv annotation file")
+    return found[0]
+
+
+def best_of(repeat: int, fn) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5000, help="images to generate (default: 5000)")
+    ap.add_argument("--small", action="store_true", help="quick smoke run: 200 images, one repeat")
+    ap.add_argument("--corpus", type=Path, help="use this corpus (folder with dataset*.json and images/, or an "
+                                                "annotation file next to images/) instead of generating one")
+    ap.add_argument("--images", type=Path, help="image folder for --corpus (default: <corpus>/images)")
+    ap.add_argument("--workers", type=int, default=1, help="write_shards worker processes (default: 1)")
+    ap.add_argument("--resize", type=int, help="re-encode to this shorter side (not comparable with tar)")
+    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs of each, best kept (default: 2)")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.n, args.repeat = 200, 1
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
+    try:
+        if args.corpus:
+            ann = find_annotations(args.corpus)
+            images = args.images or ann.parent / "images"
+        else:
+            t = time.perf_counter()
+            ann = make_corpus(work / "corpus", args.n)
+            images = ann.parent / "images"
+            print(f"generated {args.n} images in {time.perf_counter() - t:.1f} s")
+        files = sorted(p for p in images.rglob("*") if p.is_file())
+        n_files = len(files)
+        total = sum(p.stat().st_size for p in files)
+        for p in files:  # warm the page cache for both contenders
+            p.read_bytes()
+
+        runs = iter(range(10**6))
+
+        def run_tar():
+            out = work / f"plain-{next(runs)}.tar"
+            subprocess.run(["tar", "-cf", str(out), "-C", str(images.parent), images.name], check=True)
+            return out
+
+        def run_pytar():  # the floor of any pure-Python writer: read each file, add it to a tar
+            out = work / f"py-{next(runs)}.tar"
+            with tarfile.open(out, "w") as tf:
+                for p in files:
+                    tf.add(p, arcname=p.name)
+            return out
+
+        def run_shards():
+            return write_shards(ann, images, str(work / f"shards-{next(runs)}"), workers=args.workers,
+                                resize=args.resize, shard_size=args.shard_size, progress=False)
+
+        t_tar, _ = best_of(args.repeat, run_tar)
+        t_pytar, _ = best_of(args.repeat, run_pytar)
+        t_shards, m = best_of(args.repeat, run_shards)
+        t_rerun, m2 = best_of(1, lambda: write_shards(ann, images, m.uri, workers=args.workers, resize=args.resize,
+                                                      shard_size=args.shard_size, progress=False))
+        assert m2.reused
+        t_verify, rep = best_of(1, lambda: verify_shards(m.uri))
+        assert rep.ok, rep.problems
+        n = sum(s.images for s in m.splits.values())
+        ratio = t_shards / t_tar
+        print(f"corpus: {n} images written of {n_files} files, {total / 1e6:.1f} MB, {len(m.shards())} shards, "
+              f"workers={args.workers}, resize={args.resize}")
+        print(f"tar -cf      : {t_tar:7.3f} s  {n_files / t_tar:9.0f} images/s")
+        print(f"py tarfile   : {t_pytar:7.3f} s  {n_files / t_pytar:9.0f} images/s  (Python tarfile.add, no checks: "
+              f"{t_pytar / t_tar:.2f}x tar)")
+        print(f"write_shards : {t_shards:7.3f} s  {n / t_shards:9.0f} images/s  (check + write + manifest)")
+        print(f"ratio        : {ratio:7.2f}x tar's time" + ("" if args.resize else
+                                                            f"  (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})"))
+        print(f"rerun        : {t_rerun:7.3f} s  (up to date, nothing written)")
+        print(f"verify       : {t_verify:7.3f} s  ({rep.checked} shards re-hashed)")
+        if args.json:
+            print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "pytar_s": t_pytar, "shards_s": t_shards,
+                              "ratio": ratio,
+                              "rerun_s": t_rerun, "verify_s": t_verify, "workers": args.workers}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Prefect flow ``shard-corpus``: write a corpus as WebDataset shards, then verify them.
+
+Thin wrapper over :func:`shards.writer.write_shards` and :func:`shards.manifest.verify_shards`;
+tasks exchange plain strings. The write task is retried (twice) only for transient storage errors
+(:class:`shards.storage.TransientStorageError`); input errors and other storage errors fail at once.
+A retry is cheap: ``write_shards`` is idempotent and an interrupted write leaves no manifest.
+
+Run it directly::
+
+    python flows/shard_corpus.py ANNOTATIONS IMAGES OUT [--corpus NAME]
+
+Set ``PREFECT_LOGGING_EXTRA_LOGGERS=shards`` to see the shard writer's warnings in the run logs.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+
+from shards.manifest import read_manifest, verify_shards
+from shards.storage import TransientStorageError, endpoint_options
+from shards.writer import write_shards
+
+
+def retry_transient_only(task, task_run, state) -> bool:
+    """``retry_condition_fn``: retry when the task failed with a TransientStorageError."""
+    try:
+        state.result()
+    except TransientStorageError:
+        return True
+    except BaseException:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+@task(name="write-shards", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient_only)
+def write_shards_task(annotations: str, images: str, out: str, corpus: str | None, on_error: str,
+                      shard_size: int, resize: int | None, workers: int, endpoint_url: str | None) -> str:
+    """Write (or find up to date) the shard set; returns its URI."""
+    m = write_shards(annotations, images, out, corpus=corpus, on_error=on_error, shard_size=shard_size,
+                     resize=resize, workers=workers, storage_options=endpoint_options(endpoint_url),
+                     progress=False)
+    logger = get_run_logger()
+    logger.info("%s %s: digest %s, %d quarantined", m.uri, "up to date" if m.reused else "written",
+                m.short_digest, len(m.quarantine))
+    for q in m.quarantine:
+        logger.warning("quarantined %s: %s", q.source, q.reason)
+    return m.uri
+
+
+@task(name="verify-shards", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient_only)
+def verify_shards_task(uri: str, endpoint_url: str | None) -> dict:
+    """Re-hash every shard; raise if any is missing, corrupt or extra. Returns the set's summary."""
+    opts = endpoint_options(endpoint_url)
+    rep = verify_shards(uri, opts)
+    if not rep.ok:
+        raise RuntimeError(f"{uri}: shard verification failed: " + "; ".join(rep.problems[:20]))
+    m = read_manifest(uri, opts)
+    return {
+        "uri": m.uri,
+        "manifest_uri": m.manifest_uri,
+        "digest": m.digest,
+        "short_digest": m.short_digest,
+        "corpus": m.corpus,
+        "counts": {split: {"images": s.images, "captions": s.captions, "shards": len(s.shards)}
+                   for split, s in m.splits.items()},
+        "quarantined": len(m.quarantine),
+    }
+
+
+@flow(name="shard-corpus")
+def shard_corpus(annotations: str, images: str, out: str, corpus: str | None = None, on_error: str = "fail",
+                 shard_size: int = 1000, resize: int | None = None, workers: int = 1,
+                 endpoint_url: str | None = None) -> dict:
+    """Shard ``annotations``/``images`` into ``out`` (local path or s3://bucket/prefix) and verify.
+
+    Returns {"uri", "manifest_uri", "digest", "short_digest", "corpus", "counts", "quarantined"}."""
+    uri = write_shards_task(annotations, images, out, corpus, on_error, shard_size, resize, workers, endpoint_url)
+    return verify_shards_task(uri, endpoint_url)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Run the shard-corpus flow locally.")
+    ap.add_argument("annotations", help="annotation file (Karpathy JSON, JSONL, CSV)")
+    ap.add_argument("images", help="image folder")
+    ap.add_argument("out", help="output directory or s3://bucket/prefix")
+    ap.add_argument("--corpus", help="corpus name (default: detected)")
+    ap.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad samples: fail or quarantine")
+    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    ap.add_argument("--resize", type=int, help="re-encode to this shorter side in px")
+    ap.add_argument("--workers", type=int, default=1, help="image-checking processes")
+    ap.add_argument("--endpoint-url", help="S3 endpoint URL")
+    a = ap.parse_args()
+    print(json.dumps(shard_corpus(a.annotations, a.images, a.out, a.corpus, a.on_error, a.shard_size, a.resize,
+                                  a.workers, a.endpoint_url), indent=1))

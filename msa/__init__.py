@@ -1,0 +1,1 @@
+"""MSA (Multi-Scale Alignment) remote-sensing image-text retrieval: model library."""

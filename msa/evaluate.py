@@ -1,0 +1,80 @@
+"""Recall evaluation: embed every image and every caption once, rank on the device (spec section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from msa.data import ImageTransform, Sample, iterate_samples
+from msa.encoders import tokenize
+from msa.metrics import recall_at_k
+from msa.model import MSAModel
+
+
+@dataclass
+class EmbeddedSplit:
+    image_emb: torch.Tensor  # [N_images, D]
+    text_emb: torch.Tensor  # [N_captions, D]
+    caption_image: torch.Tensor  # [N_captions] image index of each caption
+    keys: list[str]
+    captions: list[str]
+
+    def similarities(self) -> torch.Tensor:
+        return self.image_emb @ self.text_emb.T
+
+
+def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def embed_split(
+    model: MSAModel,
+    urls: list[str],
+    *,
+    transform: ImageTransform,
+    tokenizer,
+    max_tokens: int,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    key_filter: Callable[[str], bool] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> EmbeddedSplit:
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    image_embs, text_embs, caption_image, keys, captions = [], [], [], [], []
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for chunk in _chunks(iterate_samples(urls, key_filter), batch_size):
+            pixels = torch.stack([transform(s.image) for s in chunk]).to(device, non_blocking=True)
+            image_embs.append(model.encode_image(pixels)[0].float())
+            for sample in chunk:
+                caption_image.extend([len(keys)] * len(sample.captions))
+                keys.append(sample.key)
+                captions.extend(sample.captions)
+        for start in range(0, len(captions), batch_size):
+            ids, mask = tokenize(tokenizer, captions[start : start + batch_size], max_tokens)
+            text_embs.append(model.encode_text(ids.to(device), mask.to(device))[0].float())
+    model.train(was_training)
+    if not keys:
+        raise ValueError(f"no samples to evaluate in {urls}")
+    return EmbeddedSplit(
+        torch.cat(image_embs),
+        torch.cat(text_embs),
+        torch.tensor(caption_image, device=device),
+        keys,
+        captions,
+    )
+
+
+def evaluate_recall(split: EmbeddedSplit) -> dict[str, float]:
+    return recall_at_k(split.similarities(), split.caption_image)

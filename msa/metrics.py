@@ -1,0 +1,79 @@
+"""Retrieval recall (spec section 5) from an explicit caption->image index, so any caption count works.
+
+Ranks are counts of strictly better candidates, computed on the similarity matrix's own device without
+sorting; ties therefore resolve in the query's favour (random float scores have none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import comb
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def _summary(i2t_hits: dict[int, float], t2i_hits: dict[int, float]) -> dict[str, float]:
+    out = {f"i2t_R{k}": v for k, v in i2t_hits.items()} | {f"t2i_R{k}": v for k, v in t2i_hits.items()}
+    out["mR"] = sum(out.values()) / len(out)
+    return out
+
+
+def recall_at_k(
+    sims: Tensor | np.ndarray,
+    caption_image: Tensor | np.ndarray | Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """R@K in percent for image->text and text->image retrieval, plus mR (the mean of all of them).
+
+    sims: [N_images, N_captions] scores; caption_image: [N_captions] index of each caption's image.
+    image->text: an image's rank is that of its best-scoring own caption; images with no caption are
+    left out of the image->text average (they still compete as text->image candidates).
+    text->image: each caption's rank of its own image among all images.
+    """
+    sims = torch.as_tensor(sims)
+    caption_image = torch.as_tensor(caption_image, device=sims.device).long()
+    n_images, n_captions = sims.shape
+    if caption_image.shape != (n_captions,):
+        raise ValueError(f"caption_image has shape {tuple(caption_image.shape)}, expected ({n_captions},)")
+
+    own = sims[caption_image, torch.arange(n_captions, device=sims.device)]
+    t2i_rank = (sims > own).sum(dim=0)
+    best_own = sims.new_full((n_images,), float("-inf")).scatter_reduce(0, caption_image, own, reduce="amax")
+    has_caption = torch.bincount(caption_image, minlength=n_images) > 0
+    i2t_rank = (sims[has_caption] > best_own[has_caption, None]).sum(dim=1)
+
+    def hits(rank: Tensor) -> dict[int, float]:
+        return {k: 100.0 * (rank < k).double().mean().item() for k in ks}
+
+    return _summary(hits(i2t_rank), hits(t2i_rank))
+
+
+def chance_recall(
+    caption_image: Tensor | np.ndarray | Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    n_images: int | None = None,
+) -> dict[str, float]:
+    """Exact expected ``recall_at_k`` of a uniformly random ranking, the floor a trained model must beat.
+
+    image->text: an image with n of the M captions finds one in the top K with probability
+    1 - C(M - n, K) / C(M, K) (images without captions excluded, as in ``recall_at_k``);
+    text->image: K / N_images. ``n_images`` defaults to max(caption_image) + 1.
+    """
+    index = torch.as_tensor(caption_image).long().cpu()
+    counts = torch.bincount(index, minlength=n_images or 0).tolist()
+    if n_images is not None and len(counts) != n_images:
+        raise ValueError(f"caption_image refers to image {len(counts) - 1} but n_images={n_images}")
+    m = len(index)
+    per_image = [n for n in counts if n > 0]
+
+    def i2t(k: int) -> float:
+        k = min(k, m)
+        return 100.0 * sum(1 - comb(m - n, k) / comb(m, k) for n in per_image) / len(per_image)
+
+    return _summary({k: i2t(k) for k in ks}, {k: 100.0 * min(k, len(counts)) / len(counts) for k in ks})

@@ -1,0 +1,72 @@
+"""The MSA model: two towers for retrieval plus MSCMAT, a training-time alignment signal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msa.config import LossConfig, MSAConfig
+from msa.encoders import ImageEncoder, TextEncoder
+from msa.losses import msa_loss
+from msa.mscmat import MSCMAT
+
+
+@dataclass
+class MSAOutput:
+    image_emb: torch.Tensor  # [B, D] L2-normalised global image embeddings (v)
+    text_emb: torch.Tensor  # [B, D] L2-normalised caption [CLS]
+    scores: torch.Tensor  # [K, B, B] MSCMAT scores, rows images, columns captions
+
+
+class MSAModel(nn.Module):
+    def __init__(self, cfg: MSAConfig):
+        super().__init__()
+        self.text = TextEncoder(
+            cfg.text.model,
+            weights=cfg.text.weights,
+            config_overrides=cfg.text.config_overrides,
+            fallback_random=cfg.text.fallback_random,
+        )
+        dim = self.text.hidden_size
+        self.image = ImageEncoder(
+            cfg.image.backbone, dim, weights=cfg.image.weights, fallback_random=cfg.image.fallback_random
+        )
+        self.mscmat = MSCMAT(self.image.stage_dims, d_model=dim, num_heads=cfg.mscmat.num_heads)
+        self.use_padding_mask = cfg.mscmat.key_padding_mask
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        v, scale_feats = self.image(images)
+        return F.normalize(v, dim=-1), scale_feats
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, tokens = self.text(input_ids, attention_mask)
+        return F.normalize(cls, dim=-1), tokens
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MSAOutput:
+        image_emb, scale_feats = self.encode_image(images)
+        text_emb, tokens = self.encode_text(input_ids, attention_mask)
+        padding = (attention_mask[:, 1 : 1 + tokens.shape[1]] == 0) if self.use_padding_mask else None
+        scores = self.mscmat(scale_feats, tokens, text_emb, key_padding_mask=padding)
+        return MSAOutput(image_emb, text_emb, scores)
+
+
+def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted MSA objective; ``image_ids`` is used only when same-image masking is on."""
+    return msa_loss(
+        out.scores.float(),
+        out.image_emb.float(),
+        out.text_emb.float(),
+        w_align=cfg.w_align,
+        w_cons=cfg.w_cons,
+        margin=cfg.margin,
+        cons_temperature=cfg.cons_temperature,
+        align_temperature=cfg.align_temperature,
+        align_both_directions=cfg.align_both_directions,
+        image_ids=image_ids if cfg.mask_same_image else None,
+        triplet_reduction=cfg.triplet_reduction,
+    )

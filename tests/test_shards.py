@@ -1,0 +1,541 @@
+"""Tests of the shards package: readers, writer, manifest/verify, CLI (local storage)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards import cli
+from shards.manifest import read_manifest, verify_shards
+from shards.readers import InputError, read_annotations, sample_key
+from shards.writer import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"jpg": "JPEG", "png": "PNG", "tif": "TIFF"}
+
+
+def _image_bytes(seed: int, ext: str = "jpg", size: int = 20) -> bytes:
+    rng = np.random.default_rng(seed)
+    # a coarse random pattern, upsampled: distinct average hashes per seed
+    base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    arr = np.kron(base, np.ones((size // 4, size // 4, 1), dtype=np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, FORMATS[ext], **({"quality": 90} if ext == "jpg" else {}))
+    return buf.getvalue()
+
+
+def _record(i: int, filename, split="train", n_captions=5, **extra) -> dict:
+    rec = {"filename": filename, "imgid": i, "split": split,
+           "sentences": [{"raw": f"image {i} caption {j}", "imgid": i, "sentid": i * 5 + j} for j in range(n_captions)]}
+    rec.update(extra)
+    return rec
+
+
+def _good_corpus(root: Path, n=(6, 3, 3)) -> tuple[Path, Path, list[dict]]:
+    """A clean Karpathy corpus: jpg/png/tif images split train/val/test."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    i = 0
+    for split, count in zip(("train", "val", "test"), n):
+        for _ in range(count):
+            ext = ("jpg", "png", "tif")[i % 3]
+            fn = f"g{i}.{ext}"
+            (images / fn).write_bytes(_image_bytes(i, ext))
+            records.append(_record(i, fn, split))
+            i += 1
+    ann = root / "dataset_synth.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "synth"}))
+    return ann, images, records
+
+
+# Every bad case, with the problem the report must give for it: (source, reason fragment).
+EXPECTED_PROBLEMS = {
+    ("missing.jpg", "image file not found"),
+    ("empty.jpg", "empty (0 bytes)"),
+    ("garbage.jpg", "not a decodable image"),
+    ("truncated.jpg", "truncated"),
+    ("nocaps.jpg", "no captions"),
+    ("nosentences.jpg", "no captions"),
+    ("blankcaps.jpg", "no captions"),
+    ("g0.jpg", "duplicate filename"),
+    ("../outside.jpg", "escapes the image folder"),
+    ("/etc/hostname", "absolute image path"),
+    ("badutf8.jpg", "not valid UTF-8"),
+    ("badsplit.jpg", "invalid split"),
+    ("nosplit.jpg", "missing split"),
+    ("dataset_synth.json record 25", "record is not an object"),
+    ("dataset_synth.json record 26", "missing or empty image filename"),
+}
+
+
+def _bad_corpus(root: Path) -> tuple[Path, Path, list[dict]]:
+    ann, images, good = _good_corpus(root)
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "garbage.jpg").write_bytes(os.urandom(300))
+    full = _image_bytes(99, "jpg", 32)
+    (images / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    for name in ("nocaps.jpg", "nosentences.jpg", "blankcaps.jpg", "badutf8.jpg", "badsplit.jpg", "nosplit.jpg"):
+        (images / name).write_bytes(_image_bytes(len(name), "jpg"))
+    (root / "outside.jpg").write_bytes(_image_bytes(7, "jpg"))  # exists, but outside the image folder
+    bad = [
+        _record(100, "missing.jpg"),
+        _record(101, "empty.jpg", "val"),
+        _record(102, "garbage.jpg", "test"),
+        _record(103, "truncated.jpg"),
+        _record(104, "nocaps.jpg", n_captions=0),
+        {"filename": "nosentences.jpg", "imgid": 105, "split": "train"},
+        {"filename": "blankcaps.jpg", "imgid": 106, "split": "train", "sentences": [{"raw": "  "}, {"raw": ""}]},
+        _record(107, "g0.jpg", "test"),  # duplicate of a good training image
+        _record(108, "../outside.jpg"),
+        _record(109, "/etc/hostname"),
+        {"filename": "badutf8.jpg", "imgid": 110, "split": "train",
+         "sentences": [{"raw": "fine caption"}, {"raw": "BAD__BYTES here"}]},
+        _record(111, "badsplit.jpg", "train/../x"),
+        {"filename": "nosplit.jpg", "imgid": 112, "sentences": [{"raw": "a caption"}]},
+    ]
+    records = good + bad
+    assert len(records) == 25  # records 25 and 26 follow
+    records += ["not an object", {"imgid": 121, "split": "train", "sentences": [{"raw": "x"}]}]
+    text = json.dumps({"images": records, "dataset": "synth"})
+    ann.write_bytes(text.encode().replace(b"BAD__BYTES", b"caf\xe9 \xff"))  # latin-1 bytes: invalid UTF-8
+    return ann, images, good
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _problem_pairs(problems) -> set[tuple[str, str]]:
+    found = set()
+    for p in problems:
+        match = [e for e in EXPECTED_PROBLEMS if e[0] == p.source and e[1] in p.reason]
+        found.add(match[0] if match else (p.source, p.reason))
+    return found
+
+
+def _write(ann, images, out, **kw):
+    kw.setdefault("progress", False)
+    return write_shards(ann, images, str(out), **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_fail_mode_reports_every_problem_and_writes_nothing(tmp_path):
+    ann, images, _ = _bad_corpus(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as ei:
+        _write(ann, images, out)
+    assert _problem_pairs(ei.value.problems) == EXPECTED_PROBLEMS
+    assert len(ei.value.problems) == len(EXPECTED_PROBLEMS)
+    msg = str(ei.value)
+    for source, reason in EXPECTED_PROBLEMS:
+        assert f"{source}: " in msg and reason in msg
+    assert not out.exists()  # validation happens before any write
+
+
+def test_fail_mode_leaves_existing_set_untouched(tmp_path):
+    ann, images, _ = _good_corpus(tmp_path / "good")
+    out = tmp_path / "out"
+    _write(ann, images, out, shard_size=2)
+    before = _snapshot(out)
+    bad_ann, bad_images, _ = _bad_corpus(tmp_path / "bad")
+    with pytest.raises(InputError):
+        _write(bad_ann, bad_images, out, shard_size=2)
+    assert _snapshot(out) == before
+    assert verify_shards(str(out)).ok
+
+
+def test_skip_mode_quarantines_exactly_the_bad_samples(tmp_path):
+    ann, images, good = _bad_corpus(tmp_path)
+    out = tmp_path / "out"
+    m = _write(ann, images, out, on_error="skip", shard_size=4)
+    assert _problem_pairs(m.quarantine) == EXPECTED_PROBLEMS
+    assert len(m.quarantine) == len(EXPECTED_PROBLEMS)
+    assert {s: m.splits[s].images for s in m.splits} == {"train": 6, "val": 3, "test": 3}
+    assert sum(i.captions for i in m.splits.values()) == 5 * len(good)
+    on_disk = read_manifest(str(out))
+    assert [q.source for q in on_disk.quarantine] == [q.source for q in m.quarantine]
+    keys = {member.rsplit(".", 1)[0] for url in m.shard_urls("train") + m.shard_urls("val") + m.shard_urls("test")
+            for member in tarfile.open(url).getnames()}
+    assert keys == {sample_key("synth", r["filename"]) for r in good}
+    assert verify_shards(str(out)).ok
+
+
+def test_invalid_json_and_schema_are_fatal(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    bad_json = tmp_path / "dataset_rsicd.json"
+    bad_json.write_text('{"images": [1, 2,]}')
+    with pytest.raises(InputError, match=r"dataset_rsicd.json: invalid JSON at line 1"):
+        read_annotations(bad_json, images)
+    bad_schema = tmp_path / "dataset.json"
+    bad_schema.write_text('{"pictures": []}')
+    with pytest.raises(InputError, match=r"dataset.json: not a Karpathy-layout file"):
+        read_annotations(bad_schema, images)
+    with pytest.raises(InputError, match="annotation file not found"):
+        read_annotations(tmp_path / "nope.json", images)
+
+
+# --------------------------------------------------------------------------------------------------
+# readers
+
+
+def _write_karpathy(path: Path, n: int, dataset: str | None = None, captions=5, splits=("train",)) -> None:
+    recs = [_record(i, f"{i + 1}.tif", splits[i % len(splits)], n_captions=captions) for i in range(n)]
+    doc = {"images": recs}
+    if dataset:
+        doc["dataset"] = dataset
+    path.write_text(json.dumps(doc))
+
+
+def test_karpathy_corpus_detection_and_count_warnings(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rsicd = tmp_path / "dataset_rsicd.json"
+    _write_karpathy(rsicd, 3)
+    lst = read_annotations(rsicd, images)
+    assert lst.corpus == "rsicd" and len(lst.samples) == 3 and not lst.problems
+    assert any("3 images, rsicd has 10921" in w for w in lst.warnings)
+    assert any("split test has 0 images, rsicd has 1093" in w for w in lst.warnings)
+    assert lst.samples[0].key == "rsicd_1" and lst.samples[0].captions[0] == "image 0 caption 0"
+
+    rsitmd = tmp_path / "dataset_RSITMD.json"
+    _write_karpathy(rsitmd, 2, captions=4)
+    lst = read_annotations(rsitmd, images)
+    assert lst.corpus == "rsitmd"
+    assert "1.tif: 4 captions, rsitmd expects 5" in lst.warnings
+
+    # a plain dataset.json is identified by its size...
+    ucm_dir = tmp_path / "ucm"
+    ucm_dir.mkdir()
+    _write_karpathy(ucm_dir / "dataset.json", 2100, splits=("train",) * 8 + ("val", "test"))
+    lst = read_annotations(ucm_dir / "dataset.json", images)
+    assert lst.corpus == "ucm"
+    assert not any("images, ucm has" in w for w in lst.warnings)
+    # ...and a copy claiming to be UCM with Sydney's 613 images is flagged as swapped
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    _write_karpathy(swapped / "dataset.json", 613, dataset="ucm")
+    lst = read_annotations(swapped / "dataset.json", images)
+    assert lst.corpus == "ucm"
+    assert any("613 images, ucm has 2100" in w and "sydney" in w and "swapped" in w for w in lst.warnings)
+    # an explicit corpus name wins
+    lst = read_annotations(swapped / "dataset.json", images, corpus="Sydney-Captions")
+    assert lst.corpus == "sydney" and not any("dataset.json: 613 images" in w for w in lst.warnings)
+    assert "dataset.json: split train has 613 images, sydney has 497" in lst.warnings
+
+
+def test_generic_jsonl_and_csv(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"p{i}.png").write_bytes(_image_bytes(i, "png"))
+    jsonl = tmp_path / "ann.jsonl"
+    jsonl.write_text("\n".join([
+        json.dumps({"image": "p0.png", "captions": ["a", "b"], "split": "train"}),
+        json.dumps({"image": "p1.png", "caption": "one caption", "split": "test", "image_id": 7}),
+        "{not json",
+        json.dumps({"path": "p2.png", "captions": ["c"]}),  # split defaults to train
+    ]) + "\n")
+    lst = read_annotations(jsonl, images, corpus="MyCorpus")
+    assert lst.corpus == "mycorpus"
+    assert [(s.filename, s.split, s.captions, s.image_id) for s in lst.samples] == [
+        ("p0.png", "train", ("a", "b"), "p0"), ("p1.png", "test", ("one caption",), 7), ("p2.png", "train", ("c",), "p2")]
+    assert [str(p) for p in lst.problems] == ["ann.jsonl line 3: invalid JSON: Expecting property name enclosed "
+                                              "in double quotes (column 2)"]
+
+    csv_path = tmp_path / "ann.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption", "split"])
+        w.writerows([["p0.png", "first", "train"], ["p1.png", "x", "val"], ["p0.png", "second", "train"],
+                     ["p3.png", "y", "train"], ["p3.png", "z", "test"]])
+    lst = read_annotations(csv_path, images)
+    assert lst.corpus == "ann"
+    assert [(s.filename, s.split, s.captions) for s in lst.samples] == [
+        ("p0.png", "train", ("first", "second")), ("p1.png", "val", ("x",))]
+    assert [str(p) for p in lst.problems] == ["p3.png: listed in split 'train' (ann.csv line 5) and 'test' (ann.csv line 6)"]
+    m = _write(csv_path, images, tmp_path / "out", on_error="skip")
+    assert {k: (v.images, v.captions) for k, v in m.splits.items()} == {"train": (1, 2), "val": (1, 1)}
+    assert [q.source for q in m.quarantine] == ["p3.png"]
+
+
+def test_sample_keys_are_stable_and_dot_free():
+    assert sample_key("ucm", "1.tif") == "ucm_1"
+    assert sample_key("rsicd", "airport_12.jpg") == "rsicd_airport_12"
+    k = sample_key("x", "sub dir/a.b.jpg")
+    assert "." not in k and k.startswith("x_sub_dir_a_b-") and k == sample_key("x", "sub dir/a.b.jpg")
+    assert sample_key("x", "a_b.jpg") != sample_key("x", "a.b.jpg")
+
+
+# --------------------------------------------------------------------------------------------------
+# output format and determinism
+
+
+def test_shards_readable_by_tar_and_webdataset(tmp_path):
+    import webdataset as wds
+
+    ann, images, good = _good_corpus(tmp_path)
+    m = _write(ann, images, tmp_path / "out", shard_size=2)
+    seen = {}
+    for split in ("train", "val", "test"):
+        urls = m.shard_urls(split)
+        assert len(urls) == (3 if split == "train" else 2)
+        for url in urls:
+            names = subprocess.run(["tar", "-tf", url], check=True, capture_output=True, text=True).stdout.split()
+            pairs = [names[i:i + 2] for i in range(0, len(names), 2)]  # each sample: its two members, sorted
+            assert all(a.rsplit(".", 1)[0] == b.rsplit(".", 1)[0] and a < b for a, b in pairs)
+            assert all(n.rsplit(".", 1)[1] in ("jpg", "png", "tif", "json") for n in names)
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["json"])
+            ext = next(k for k in ("jpg", "png", "tif") if k in sample)
+            seen[sample["__key__"]] = (meta, ext, sample[ext])
+            assert meta["split"] == split
+    assert len(seen) == len(good)
+    for rec in good:
+        meta, ext, data = seen[sample_key("synth", rec["filename"])]
+        assert meta == {"captions": [s["raw"] for s in rec["sentences"]], "image_id": rec["imgid"],
+                        "filename": rec["filename"], "split": rec["split"], "corpus": "synth"}
+        assert ext == rec["filename"].rsplit(".", 1)[1]
+        assert data == (images / rec["filename"]).read_bytes()  # stored bytes, untouched
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {s.name: s.samples for s in m.shards()} and sum(sizes.values()) == len(good)
+    with tarfile.open(m.shard_urls("train")[0]) as tf:
+        for ti in tf.getmembers():
+            assert (ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname, ti.mode) == (1577836800, 0, 0, "", "", 0o644)
+
+
+def test_shard_bytes_limit(tmp_path):
+    ann, images, good = _good_corpus(tmp_path)
+    m = _write(ann, images, tmp_path / "out", shard_bytes=4096)
+    assert all(s.samples == 1 for s in m.shards())  # each sample alone exceeds half the limit
+    assert sum(s.samples for s in m.shards()) == len(good)
+
+
+def test_two_runs_are_byte_identical_whatever_the_workers(tmp_path):
+    ann, images, _ = _good_corpus(tmp_path)
+    m1 = _write(ann, images, tmp_path / "a", shard_size=3, check_leaks=True)
+    m2 = _write(ann, images, tmp_path / "b", shard_size=3, check_leaks=True, workers=2)
+    assert m1.digest == m2.digest and m1.source_digest == m2.source_digest
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+
+
+def test_resize_reencodes_deterministically(tmp_path):
+    ann, images, good = _good_corpus(tmp_path)
+    m1 = _write(ann, images, tmp_path / "a", resize=8)
+    m2 = _write(ann, images, tmp_path / "b", resize=8)
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+    with tarfile.open(m1.shard_urls("train")[0]) as tf:
+        for ti in tf.getmembers():
+            if not ti.name.endswith(".json"):
+                assert ti.name.rsplit(".", 1)[1] in ("jpg", "png")  # tif became png
+                assert Image.open(tf.extractfile(ti)).size == (8, 8)
+    assert m1.options["resize"] == 8 and m1.digest == m2.digest
+
+
+# --------------------------------------------------------------------------------------------------
+# idempotence, atomicity, verification
+
+
+def test_rerun_skips_and_option_change_rewrites_without_stale_shards(tmp_path):
+    ann, images, _ = _good_corpus(tmp_path)
+    out = tmp_path / "out"
+    m1 = _write(ann, images, out, shard_size=1)
+    assert not m1.reused and len(m1.splits["train"].shards) == 6
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    time.sleep(0.01)
+    m2 = _write(ann, images, out, shard_size=1)
+    assert m2.reused and m2.digest == m1.digest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    m3 = _write(ann, images, out, shard_size=4)
+    assert not m3.reused and len(m3.splits["train"].shards) == 2
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    rep = verify_shards(str(out))
+    assert rep.ok and rep.checked == 4 and not rep.extra
+    # a changed image changes the source digest and forces a rewrite
+    (images / "g0.jpg").write_bytes(_image_bytes(1234, "jpg"))
+    m4 = _write(ann, images, out, shard_size=4)
+    assert not m4.reused and m4.source_digest != m3.source_digest and m4.digest != m3.digest
+
+
+_SLOW_MAIN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import shards.writer as w
+_finish = w._ShardWriter.finish
+def slow_finish(self):
+    time.sleep(0.4)
+    return _finish(self)
+w._ShardWriter.finish = slow_finish
+from shards.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_interrupted_run_leaves_no_manifest_and_rerun_completes(tmp_path):
+    ann, images, _ = _good_corpus(tmp_path)
+    out = tmp_path / "out"
+    argv = ["shard", str(ann), "--images", str(images), "--out", str(out), "--no-progress"]
+    assert cli.main(argv + ["--shard-size", "4"]) == 0  # an existing, valid set
+    code = _SLOW_MAIN.format(root=str(ROOT), argv=argv + ["--shard-size", "1"])
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        # the new run deletes the old manifest first, then writes test-000000.tar ... one by one
+        while time.monotonic() < deadline and not (out / "test" / "test-000002.tar").exists():
+            assert proc.poll() is None, "the run finished before it could be interrupted"
+            time.sleep(0.02)
+        assert (out / "test" / "test-000002.tar").exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "manifest.json").exists()  # never a manifest covering a partial set
+    assert not verify_shards(str(out)).ok
+    assert cli.main(argv + ["--shard-size", "1"]) == 0
+    rep = verify_shards(str(out))
+    assert rep.ok, rep.problems
+    assert rep.checked == 12 and not rep.extra
+    assert not [p for p in out.rglob(".*")]  # no temporaries left
+    fresh = _write(ann, images, tmp_path / "fresh", shard_size=1)
+    assert read_manifest(str(out)).digest == fresh.digest
+
+
+def test_verify_detects_corrupt_missing_and_extra_shards(tmp_path, capsys):
+    ann, images, _ = _good_corpus(tmp_path)
+    out = tmp_path / "out"
+    m = _write(ann, images, out, shard_size=2)
+    assert verify_shards(str(out)).ok
+    assert cli.main(["shard", "verify", str(out)]) == 0
+    first, second = m.shard_urls("train")[:2]
+    data = bytearray(Path(first).read_bytes())
+    data[700] ^= 0x01  # flip one bit inside the first image
+    Path(first).write_bytes(bytes(data))
+    Path(second).unlink()
+    (out / "val" / "val-000099.tar").write_bytes(b"\0" * 1024)
+    rep = verify_shards(str(out))
+    assert not rep.ok
+    assert rep.corrupt == ["train/train-000000.tar"]
+    assert rep.missing == ["train/train-000001.tar"]
+    assert rep.extra == ["val/val-000099.tar"]
+    assert cli.main(["shard", "verify", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "train/train-000000.tar: sha256" in err and "train/train-000001.tar: missing" in err
+    # a manifest-less folder is not a shard set
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rep = verify_shards(str(empty))
+    assert not rep.ok and "no manifest" in rep.problems[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# leak check, CLI
+
+
+def test_leak_check_finds_duplicates_across_splits(tmp_path, capsys):
+    ann, images, records = _good_corpus(tmp_path)
+    # exact copy of a training image in test, and a PNG re-encoding of another one in val
+    (images / "copy.jpg").write_bytes((images / "g0.jpg").read_bytes())
+    Image.open(images / "g3.jpg").save(images / "reencoded.png")
+    records += [_record(50, "copy.jpg", "test"), _record(51, "reencoded.png", "val")]
+    ann.write_text(json.dumps({"images": records, "dataset": "synth"}))
+    m = _write(ann, images, tmp_path / "out", check_leaks=True)
+    pairs = {(leak.kind, leak.a.filename, leak.b.filename) for leak in m.leaks}
+    assert ("exact", "copy.jpg", "g0.jpg") in pairs
+    assert ("ahash", "g3.jpg", "reencoded.png") in pairs or ("ahash", "reencoded.png", "g3.jpg") in pairs
+    assert all(leak.a.split != leak.b.split for leak in m.leaks)
+    assert read_manifest(str(tmp_path / "out")).leaks == m.leaks
+    rc = cli.main(["shard", str(ann), "--images", str(images), "--out", str(tmp_path / "out2"),
+                   "--check-leaks", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "leak check:" in text and "test/copy.jpg == train/g0.jpg" in text
+    m_plain = _write(ann, images, tmp_path / "out3")
+    assert m_plain.leaks is None
+
+
+def test_cli_exit_codes_and_help(tmp_path, capsys):
+    ann, images, _ = _good_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["shard", str(ann), "--images", str(images), "--out", str(out), "--no-progress"]) == 0
+    assert "written" in capsys.readouterr().out
+    assert cli.main(["shard", str(ann), "--images", str(images), "--out", str(out), "--no-progress"]) == 0
+    assert "up to date, nothing written" in capsys.readouterr().out
+    bad_ann, bad_images, _ = _bad_corpus(tmp_path / "bad")
+    assert cli.main(["shard", str(bad_ann), "--images", str(bad_images), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jpg: image file not found" in err and "badutf8.jpg: caption 2 is not valid UTF-8" in err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert cli.main(["shard", str(ann), "--images", str(images), "--out", str(blocker / "sub"),
+                     "--no-progress"]) == 3
+    assert "storage error" in capsys.readouterr().err
+    assert cli.main(["shard", "verify", str(tmp_path / "nowhere")]) == 3
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["shard", "verify", str(out), "--images", str(images)])
+    assert ei.value.code == 2
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["shard", str(ann)])  # --images/--out missing
+    assert ei.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["shard", "--help"])
+    assert ei.value.code == 0
+    help_text = capsys.readouterr().out
+    for fragment in ("msa shard ANNOTATIONS --images DIR --out URI", "msa shard verify URI", "--on-error",
+                     "--shard-size", "--shard-bytes", "--resize", "--workers", "--endpoint-url", "--check-leaks",
+                     "exit codes:", "  2  input error", "  3  storage/I-O error"):
+        assert fragment in help_text
+
+
+def test_register_adds_commands_to_an_msa_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="msa")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["corpus", "synth", "out", "--train", "3", "--format", "png"])
+    assert args.handler is cli._cmd_synth and args.train == 3 and args.format == "png" and args.difficulty == "easy"
+    args = parser.parse_args(["shard", "verify", "s3://b/p", "--endpoint-url", "http://x"])
+    assert args.handler is cli._cmd_shard and args.paths == ["verify", "s3://b/p"]
+
+
+def test_shards_package_imports_no_heavy_frameworks():
+    code = ("import sys; import shards, shards.cli, shards.writer, shards.readers, shards.manifest, shards.storage; "
+            "shards.write_shards; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'prefect', 'ray', 'mlflow')]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_fast_tar_header_matches_tarfile():
+    from shards.writer import _tar_header, _tarinfo
+
+    for name, size in [("a.jpg", 0), ("k" * 100, 5), ("k" * 101, 7), ("x_1.json", 8**11 - 1),
+                       ("x_1.json", 8**11 + 5), ("caf\u00e9_1.jpg", 3), ("ucm_1.tif", 123456)]:
+        assert _tar_header(name, size) == _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
+
+
+def test_bench_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shards.py"), "--small", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert figures["images"] == 200 and figures["ratio"] > 0
