@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from msa.paths import LOCAL_STATE
 
@@ -20,6 +21,8 @@ _OFFLINE_ENV = {
     "DO_NOT_TRACK": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server needs ~20 s on two busy cores; Prefect's default wait is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 
@@ -28,6 +31,7 @@ def _prepare_environment() -> None:
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(LOCAL_STATE / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes only the leaf
 
 
 def _print_recall_table(result: dict) -> None:
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_arguments(demo, default_epochs=None)
     demo.add_argument("--demo-images", type=_split_sizes, metavar="TRAIN,VAL,TEST",
-                      help="images per split of the synthetic corpus when it must be generated (default 500,100,100)")
+                      help="images per split of the synthetic corpus when it must be generated (default 300,100,100)")
     demo.set_defaults(handler=_train)
     train = sub.add_parser(
         "train",

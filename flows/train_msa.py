@@ -27,7 +27,7 @@ def prepare_demo_shards(data_uri: str, demo_images: dict[str, int], image_size: 
     logger = get_run_logger()
     logger.info("no shards at %s: generating the synthetic demo corpus %s", data_uri, demo_images)
     annotations = generate_corpus(DEMO_CORPUS_DIR, splits=demo_images, image_size=image_size, seed=0)
-    write_shards(annotations, DEMO_CORPUS_DIR / "images", data_uri, corpus="synth", shard_size=200)
+    write_shards(annotations, DEMO_CORPUS_DIR / "images", data_uri, corpus="synth", shard_size=50)
 
 
 @task(name="verify-shards")
@@ -120,7 +120,7 @@ def train_msa(
     if not manifest_exists(data_uri, options):
         if data_uri != DEMO_SHARDS_URI:
             raise FileNotFoundError(f"{data_uri}: no manifest.json; shard the corpus first (msa shard / shard-corpus)")
-        prepare_demo_shards(data_uri, demo_images or {"train": 500, "val": 100, "test": 100}, cfg.image.size)
+        prepare_demo_shards(data_uri, demo_images or {"train": 300, "val": 100, "test": 100}, cfg.image.size)
     digest = verify_shards_task(data_uri, endpoint_url)
     name = run_name or f"msa-{cfg.preset}-{digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     trained = train_task(

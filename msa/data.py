@@ -131,6 +131,12 @@ class PairBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def assignment(self, worker: int = 0, workers: int = 1) -> tuple[list[str], tuple[int, int] | None]:
+        """This epoch's shards for one loader worker of this rank, and a sample stride when shards are too few."""
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        urls, sample_slot = _assign(self.urls, slot, slots, random.Random(f"shards-{self.seed}-{self.epoch}"))
+        return urls, None if sample_slot is None else (sample_slot, slots)
+
     def _pairs(self, urls: list[str], stride: tuple[int, int] | None) -> Iterator[tuple]:
         for index, sample in enumerate(iterate_samples(urls, self.key_filter)):
             if stride is not None and index % stride[1] != stride[0]:
@@ -152,13 +158,10 @@ class PairBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
         # Worker w of every rank yields the same share, so ranks agree on the total.
         steps = self.steps_per_epoch // workers + (1 if worker < self.steps_per_epoch % workers else 0)
-        rng = random.Random(f"pairs-{self.seed}-{self.epoch}-{slot}")
-        shard_rng = random.Random(f"shards-{self.seed}-{self.epoch}")
-        urls, sample_slot = _assign(self.urls, slot, slots, shard_rng)
-        stride = None if sample_slot is None else (sample_slot, slots)
+        rng = random.Random(f"pairs-{self.seed}-{self.epoch}-{self.rank * workers + worker}")
+        urls, stride = self.assignment(worker, workers)
 
         def cycle() -> Iterator[tuple]:
             for _ in itertools.count():

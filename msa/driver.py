@@ -7,6 +7,7 @@ checkpoint and logs the epoch to MLflow; every rank calls ``ray.train.report`` o
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from msa.config import MSAConfig
+from msa.train import HISTORY_FILE
 
 # Environment every Ray worker needs on an offline, quiet cluster.
 WORKER_ENV = {
@@ -131,7 +133,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             state = load_checkpoint(directory, map_location=device)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["metrics"]["history"]
+        start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             print(f"[msa] resumed from epoch {state['epoch']} checkpoint", flush=True)
 
@@ -154,6 +156,10 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         dataset.set_epoch(epoch)
+        if epoch == start_epoch:
+            urls, stride = dataset.assignment(0, max(1, cfg.train.loader_workers))
+            names = ",".join(url.rsplit("/", 1)[-1] for url in urls)
+            print(f"[msa] rank {rank} of {world} reads shards {names}" + (" (sample stride)" if stride else ""), flush=True)
         loader = pair_loader(dataset, cfg.train.loader_workers, pin_memory=device.type == "cuda")
         stats = train_epoch(model, loader, optimizer, cfg, device)
         metrics: dict[str, float] = {"epoch": epoch, **stats.as_metrics()}
@@ -193,13 +199,18 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
                 epoch=epoch,
                 cfg=cfg,
                 dataset_digest=job.dataset_digest,
-                metrics={**metrics, "history": history},
+                metrics=metrics,
+                history=history,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def run_training(job: TrainJob, ray_address: str | None = None) -> TrainOutcome:
-    """Fit on the Ray cluster at ``ray_address`` (or RAY_ADDRESS, else a local one) and pick the best epoch."""
+def run_training(job: TrainJob, ray_address: str | None = None, callbacks: list | None = None) -> TrainOutcome:
+    """Fit on the Ray cluster at ``ray_address`` (or RAY_ADDRESS, else a local one) and pick the best epoch.
+
+    ``callbacks`` go into the Train ``RunConfig`` (msa.tune passes Tune's ``TuneReportCallback``); inside
+    a Tune trial Ray is already initialised, so no ``ray.init`` happens there.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -225,6 +236,7 @@ def run_training(job: TrainJob, ray_address: str | None = None) -> TrainOutcome:
         run_config=RunConfig(
             name=job.run_name,
             storage_path=job.storage_path,
+            callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -240,8 +252,10 @@ def run_training(job: TrainJob, ray_address: str | None = None) -> TrainOutcome:
     if not candidates:
         raise RuntimeError(f"training run {job.run_name} reported no checkpoint")
     checkpoint, metrics = max(candidates, key=lambda pair: pair[1].get("val_mR", float("-inf")))
-    history = [{k: v for k, v in m.items() if k != "history"} for m in metrics.get("history", [])]
-    return TrainOutcome(_checkpoint_uri(checkpoint), {k: v for k, v in metrics.items() if k != "history"}, history)
+    latest = result.checkpoint
+    with latest.filesystem.open_input_stream(f"{latest.path}/{HISTORY_FILE}") as stream:
+        history = json.loads(stream.read())
+    return TrainOutcome(_checkpoint_uri(checkpoint), dict(metrics), history)
 
 
 def _forwarded_env() -> dict[str, str]:

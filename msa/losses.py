@@ -83,24 +83,34 @@ def hardest_triplet_loss(
     *,
     image_ids: Tensor | None = None,
     reduction: Literal["sum", "mean"] = "sum",
+    negatives: Literal["hardest", "all"] = "hardest",
 ) -> Tensor:
     """VSE++ max-violation hinge on L2-normalised embeddings img, txt [B, D], item i matching item i.
 
     For each image its most similar non-matching caption, for each caption its most similar non-matching
     image: (margin + neg - pos).clamp(min=0), summed over both directions and the batch (the paper's
     reduction; "mean" divides that sum by B). Mining stays on the input device. ``image_ids`` stops other
-    captions of the same image from counting as negatives.
+    captions of the same image from counting as negatives. ``negatives="all"`` sums the hinge over every
+    negative instead (VSE0): a from-scratch model trained on hardest negatives alone tends to collapse
+    to one embedding (loss stuck at 2 * B * margin), while the sum gives every negative a gradient.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if negatives not in ("hardest", "all"):
+        raise ValueError(f"negatives must be 'hardest' or 'all', got {negatives!r}")
     sims = img @ txt.T
     pos = sims.diagonal()
     not_negative = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
     if image_ids is not None:
         not_negative = not_negative | same_image_mask(image_ids)
-    negatives = sims.masked_fill(not_negative, float("-inf"))
-    cost_i2t = (margin + negatives.amax(dim=1) - pos).clamp(min=0)
-    cost_t2i = (margin + negatives.amax(dim=0) - pos).clamp(min=0)
+    if negatives == "all":
+        cost_i2t = (margin + sims - pos[:, None]).clamp(min=0).masked_fill(not_negative, 0.0)
+        cost_t2i = (margin + sims - pos[None, :]).clamp(min=0).masked_fill(not_negative, 0.0)
+        loss = cost_i2t.sum() + cost_t2i.sum()
+        return loss / sims.shape[0] if reduction == "mean" else loss
+    masked = sims.masked_fill(not_negative, float("-inf"))
+    cost_i2t = (margin + masked.amax(dim=1) - pos).clamp(min=0)
+    cost_t2i = (margin + masked.amax(dim=0) - pos).clamp(min=0)
     loss = cost_i2t.sum() + cost_t2i.sum()
     return loss / sims.shape[0] if reduction == "mean" else loss
 
@@ -118,6 +128,7 @@ def msa_loss(
     align_both_directions: bool = False,
     image_ids: Tensor | None = None,
     triplet_reduction: Literal["sum", "mean"] = "sum",
+    triplet_negatives: Literal["hardest", "all"] = "hardest",
 ) -> dict[str, Tensor]:
     """The full objective from MSCMAT scores S [K, B, B] and global embeddings img, txt [B, D].
 
@@ -126,7 +137,9 @@ def msa_loss(
     ``image_ids`` [B] (integers) turns on same-image masking in every term.
     """
     positives = None if image_ids is None else same_image_mask(image_ids)
-    triplet = hardest_triplet_loss(img, txt, margin, image_ids=image_ids, reduction=triplet_reduction)
+    triplet = hardest_triplet_loss(
+        img, txt, margin, image_ids=image_ids, reduction=triplet_reduction, negatives=triplet_negatives
+    )
     align = torch.stack(
         [
             alignment_loss(

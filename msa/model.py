@@ -69,4 +69,5 @@ def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: torch.Tensor | None
         align_both_directions=cfg.align_both_directions,
         image_ids=image_ids if cfg.mask_same_image else None,
         triplet_reduction=cfg.triplet_reduction,
+        triplet_negatives=cfg.triplet_negatives,
     )

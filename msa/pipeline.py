@@ -182,13 +182,15 @@ def publish_model(
     tracking.use_tracking(mlflow_uri)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_dir = fetch_checkpoint(trained.best_checkpoint, Path(tmp) / "checkpoint", storage_options)
-        cfg = MSAConfig.from_dict(load_checkpoint(checkpoint_dir)["config"])
+        state = load_checkpoint(checkpoint_dir)
+        cfg = MSAConfig.from_dict(state["config"])
+        dim = int(state["model"]["image.out.weight"].shape[0])
         tokenizer_dir = Path(tmp) / "tokenizer"
         build_tokenizer(cfg.text.tokenizer or cfg.text.model).save_pretrained(tokenizer_dir)
         from msa.serving import log_pyfunc_model
 
         with mlflow.start_run(run_id=trained.run_id):
-            model_uri = log_pyfunc_model(checkpoint_dir, tokenizer_dir)
+            model_uri = log_pyfunc_model(checkpoint_dir, tokenizer_dir, dim)
     version = tracking.register_model(
         model_uri, trained.dataset_digest, {k: v for k, v in test_metrics.items() if k in RECALL_KEYS}
     )

@@ -42,7 +42,7 @@ def plot_recall_curves(
     left.grid(alpha=0.3)
     left.legend()
     if history:
-        epochs = [h["epoch"] for h in history]
+        epochs = [h["epoch"] + 1 for h in history]
         for name in ("val_mR", "val_i2t_R1", "val_t2i_R1"):
             right.plot(epochs, [h[name] for h in history], marker="o", label=name)
     right.set(xlabel="epoch", ylabel="%", title="validation recall per epoch")

@@ -59,15 +59,24 @@ class MSAEmbedder(mlflow.pyfunc.PythonModel):
         return out
 
 
-def log_pyfunc_model(checkpoint_dir: str | Path, tokenizer_dir: str | Path, name: str = "model") -> str:
-    """Log under the active run; returns the model URI (models:/m-... in MLflow 3)."""
-    import pandas as pd
+def signature(dim: int):
+    """Explicit schema, so logging needs no example run of the model."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
+    )
+
+
+def log_pyfunc_model(checkpoint_dir: str | Path, tokenizer_dir: str | Path, dim: int, name: str = "model") -> str:
+    """Log under the active run; returns the model URI (models:/m-... in MLflow 3)."""
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=MSAEmbedder(),
         artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
         code_paths=[str(Path(__file__).resolve().parent)],
-        input_example=pd.DataFrame({"text": ["a river runs through green farmland"]}),
+        signature=signature(dim),
     )
     return info.model_uri

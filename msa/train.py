@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -18,6 +19,7 @@ from msa.config import MSAConfig, OptimConfig
 from msa.model import MSAModel, compute_loss
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"  # per-epoch metrics so far, readable without loading the weights
 
 
 def seed_everything(seed: int) -> None:
@@ -94,8 +96,9 @@ def save_checkpoint(
     cfg: MSAConfig,
     dataset_digest: str,
     metrics: dict[str, float],
+    history: list[dict[str, float]],
 ) -> Path:
-    """Atomic write (temp file then rename) of everything needed to resume or serve."""
+    """Atomic writes (temp file then rename) of everything needed to resume or serve."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -105,13 +108,23 @@ def save_checkpoint(
         "config": cfg.to_dict(),
         "dataset_digest": dataset_digest,
         "metrics": metrics,
+        "history": history,
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
     path = directory / CHECKPOINT_FILE
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+    _atomic(directory / HISTORY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(history)))
     return path
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

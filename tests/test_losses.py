@@ -47,16 +47,18 @@ def ref_consistency(T, S, temperature=2.0, same=None):
     return total / b**2
 
 
-def ref_triplet(img, txt, margin=0.5, ids=None):
+def ref_triplet(img, txt, margin=0.5, ids=None, negatives="hardest"):
     sims = (img @ txt.T).tolist()
     b = len(sims)
     ids = list(range(b)) if ids is None else ids.tolist()
     total = 0.0
     for i in range(b):
         negs = [j for j in range(b) if ids[j] != ids[i]]
-        if negs:
+        if negs and negatives == "hardest":
             total += max(0.0, margin + max(sims[i][j] for j in negs) - sims[i][i])  # image i vs captions
             total += max(0.0, margin + max(sims[j][i] for j in negs) - sims[i][i])  # caption i vs images
+        for j in negs if negatives == "all" else []:
+            total += max(0.0, margin + sims[i][j] - sims[i][i]) + max(0.0, margin + sims[j][i] - sims[i][i])
     return total
 
 
@@ -122,6 +124,16 @@ def test_triplet_image_ids_remove_same_image_negatives():
     masked = hardest_triplet_loss(img, txt, 0.5, image_ids=IDS)
     assert masked.item() == pytest.approx(ref_triplet(img, txt, ids=IDS), rel=1e-12)
     assert masked.item() < plain.item()
+
+
+@pytest.mark.parametrize("ids", [None, IDS])
+def test_triplet_all_negatives_sums_every_hinge(ids):
+    img, txt = unit(6, 8, seed=3), unit(6, 8, seed=4)
+    got = hardest_triplet_loss(img, txt, 0.5, image_ids=ids, negatives="all")
+    assert got.item() == pytest.approx(ref_triplet(img, txt, ids=ids, negatives="all"), rel=1e-12)
+    assert got.item() > hardest_triplet_loss(img, txt, 0.5, image_ids=ids).item()
+    with pytest.raises(ValueError):
+        hardest_triplet_loss(img, txt, negatives="semi")
 
 
 def test_triplet_single_item_batch_is_zero_and_finite_gradient():
