@@ -91,6 +91,7 @@ def plan_splits(manifest, val_fraction: float) -> SplitPlan:
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -159,7 +160,12 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         if epoch == start_epoch:
             urls, stride = dataset.assignment(0, max(1, cfg.train.loader_workers))
             names = ",".join(url.rsplit("/", 1)[-1] for url in urls)
-            print(f"[msa] rank {rank} of {world} reads shards {names}" + (" (sample stride)" if stride else ""), flush=True)
+            node = ray.get_runtime_context().get_node_id()[:12]
+            print(
+                f"[msa] rank {rank} of {world} on node {node} reads shards {names}"
+                + (" (sample stride)" if stride else ""),
+                flush=True,
+            )
         loader = pair_loader(dataset, cfg.train.loader_workers, pin_memory=device.type == "cuda")
         stats = train_epoch(model, loader, optimizer, cfg, device)
         metrics: dict[str, float] = {"epoch": epoch, **stats.as_metrics()}
@@ -181,6 +187,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         )
         metrics.update({f"val_{k}": v for k, v in evaluate_recall(val).items()})
         metrics["val_seconds"] = time.perf_counter() - started
+        metrics["finished_at"] = time.time()  # wall clock: shows which epochs ran before a restart
         history.append(metrics)
         print(
             f"[msa] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.3f} (tri {stats.triplet:.3f} "

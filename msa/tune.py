@@ -201,23 +201,49 @@ def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
 
 
 def _ensure_ray(ray_address: str | None) -> None:
+    """Attach to ``ray_address``/RAY_ADDRESS, else start a local cluster whose workers know its address.
+
+    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when Tune stops a
+    trial under its TorchTrainer, as ASHA does) finds its cluster through the State API, and with
+    no RAY_ADDRESS that lookup fails when several Ray instances run on one machine (CI, shared
+    hosts): the stopped trial's CPUs then stay reserved and the next trial never starts. So a
+    local cluster gets a known GCS port, and every worker gets RAY_ADDRESS pointing at it.
+    """
     import ray
 
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address or os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": {**WORKER_ENV, **_forwarded_env()}},
-            log_to_driver=True,
-        )
+    if ray.is_initialized():
+        return
+    env = {**WORKER_ENV, **_forwarded_env()}
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def _search_alg(tj: TuneJob):
     if tj.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=tj.seed)
+        # Tune applies max_concurrent_trials to a BasicVariantGenerator only when it builds the
+        # generator itself, so a seeded one must carry the limit.
+        return BasicVariantGenerator(random_state=tj.seed, max_concurrent=tj.max_concurrent_trials)
     if tj.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -323,7 +349,7 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
                 ),
                 search_alg=_search_alg(job),
                 num_samples=job.num_samples,
-                max_concurrent_trials=job.max_concurrent_trials or None,
+                max_concurrent_trials=(job.max_concurrent_trials or None) if job.search != "random" else None,
             ),
             run_config=tune.RunConfig(name=job.name, storage_path=job.storage_path, verbose=1),
         )
@@ -407,6 +433,9 @@ def _link_child_runs(parent: str, trials: list[TrialSummary]) -> None:
             registry.set_run_tags(trial.run_id, {"tune.status": trial.status})
             if trial.best_val_mR is not None:
                 tracking.log_metrics(trial.run_id, {"best_val_mR": trial.best_val_mR}, step=0)
-            tracking.finish_run(trial.run_id, "FAILED" if trial.status == "error" else "KILLED")
+            # A trial that reported its last epoch can still be stopped before its own cleanup ran
+            # (ASHA stops at max_t): it finished; one cut at a rung was killed.
+            status = {"completed": "FINISHED", "error": "FAILED"}.get(trial.status, "KILLED")
+            tracking.finish_run(trial.run_id, status)
         else:
             registry.set_run_tags(trial.run_id, {"tune.status": trial.status})

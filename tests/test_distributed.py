@@ -42,11 +42,12 @@ def fresh_ray():
     ray.shutdown()
 
 
-def _worker_pids() -> list[int]:
+def _train_workers(dashboard: str) -> list:
+    """Live RayTrainWorker actors of THIS cluster (others may run on the machine, so name its dashboard)."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors]
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    return list_actors(address=f"http://{dashboard}", filters=filters)
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finishes(shard_set, tmp_path, fresh_ray, capfd):
@@ -61,28 +62,32 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(shard_set, tmp_path,
         num_workers=2,
         max_failures=1,
     )
-    killed: list[int] = []
+    killed: list[tuple[int, float]] = []
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
-            if any((storage / "kill-test").glob("checkpoint_*/checkpoint.pt")):
-                pids = _worker_pids()
+            # Ray Train writes this snapshot once the epoch-1 checkpoint is registered (all ranks reported).
+            if (storage / "kill-test" / "checkpoint_manager_snapshot.json").exists():
+                pids = [a.pid for a in _train_workers(dashboard)]
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)  # mid-epoch 2: the first report is behind us
-                    killed.append(pids[-1])
+                    killed.append((pids[-1], time.time()))
                     return
             time.sleep(0.5)
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    dashboard = ray.init(num_cpus=2).dashboard_url
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     outcome = run_training(job)
     killer.join(timeout=5)
     output = capfd.readouterr()
     assert killed, "no worker was killed: the fault was never injected"
-    assert "resumed from epoch" in output.out + output.err
+    killed_at = killed[0][1]
     assert [int(h["epoch"]) for h in outcome.history] == [0, 1, 2]
+    # Resumed, not restarted: epoch 0 is the one finished before the kill, the rest came after it.
+    assert outcome.history[0]["finished_at"] < killed_at < outcome.history[1]["finished_at"]
+    assert "resumed from epoch 0 checkpoint" in output.out + output.err
     assert Path(outcome.best_checkpoint, "checkpoint.pt").exists()
 
 
@@ -106,13 +111,11 @@ def test_two_node_cluster_splits_shards_and_logs_once(shard_set, tmp_path, fresh
             mlflow_uri=uri,
         )
         output = capfd.readouterr()
-        reads = {int(r): set(s.split(",")) for r, s in re.findall(r"\[msa\] rank (\d) of 2 reads shards (\S+)", output.out)}
+        lines = re.findall(r"\[msa\] rank (\d) of 2 on node (\w+) reads shards (\S+)", output.out)
+        reads = {int(rank): set(names.split(",")) for rank, _, names in lines}
+        nodes = {int(rank): node for rank, node, _ in lines}
         assert set(reads) == {0, 1} and not reads[0] & reads[1], output.out[-3000:]
-
-        from ray.util.state import list_actors
-
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
-        assert len({a.node_id for a in workers}) == 2
+        assert nodes[0] != nodes[1]  # one worker per node
         client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs([client.get_experiment_by_name("msa").experiment_id])
         assert [r.info.run_id for r in runs] == [trained.run_id]

@@ -1,0 +1,272 @@
+"""Does MSCMAT re-ranking of the cosine top-R help retrieval? Measured on a synthetic test split.
+
+Trains a small-preset model briefly in-process (one process, no Ray; torch pieces of msa.train) on a
+small synthetic corpus, or takes --checkpoint, builds retrieval indexes of the val and test splits with
+msa.retrieval.build_index, and reports i2t/t2i R@1/5/10 and mR for:
+
+  cosine only (the reference's test-time ranking), MSCMAT alone re-ranking the top R, and
+  cosine + lambda * MSCMAT re-ranking the top R (lambda chosen on VAL, reported on TEST),
+
+for R in --tops (default 10, 20), plus MSCMAT ranking the whole split for reference. Re-ranked recall
+uses msa.metrics.recall_at_k on a similarity matrix whose per-query top-R entries carry the re-rank
+scores above the rest (msa.retrieval.reranked_recall); with the identity re-rank it must equal
+cosine-only recall exactly, which is checked first.
+
+    nice -n 10 .venv/bin/python bench/rerank.py                        # train ~3-4 min on 1 thread
+    nice -n 10 .venv/bin/python bench/rerank.py --checkpoint DIR --data SHARDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                     "DO_NOT_TRACK": "true", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_key, _value)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from msa.metrics import chance_recall, recall_at_k  # noqa: E402
+from msa.retrieval import Index, build_index, load_model, mscmat_matrix, reranked_recall  # noqa: E402
+
+KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
+
+
+def _counts(text: str) -> tuple[int, int, int]:
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("expected TRAIN,VAL,TEST")
+    return parts
+
+
+def make_shards(work: Path, counts: tuple[int, int, int], image_size: int, difficulty: str, seed: int) -> str:
+    from shards.synth import generate_corpus
+    from shards.writer import write_shards
+
+    started = time.perf_counter()
+    ann = generate_corpus(work / "corpus", splits=dict(zip(("train", "val", "test"), counts)),
+                          image_size=image_size, seed=seed, difficulty=difficulty)
+    uri = str(work / "shards")
+    write_shards(ann, work / "corpus" / "images", uri, progress=False)
+    print(f"corpus: synthetic {difficulty}, {counts[0]}/{counts[1]}/{counts[2]} train/val/test images "
+          f"(5 captions each), {image_size} px, made in {time.perf_counter() - started:.1f} s", flush=True)
+    return uri
+
+
+def held_out_data(model, work: Path, args: argparse.Namespace) -> str:
+    """Shards for a given checkpoint: the demo shards when it was trained on them (their val and test
+    are held out), else a corpus generated with seed --seed + 1, whose images no seed --seed corpus has."""
+    from msa.paths import DEMO_SHARDS_URI
+    from shards.manifest import manifest_exists, read_manifest
+
+    if manifest_exists(DEMO_SHARDS_URI) and read_manifest(DEMO_SHARDS_URI).digest == model.trained_on:
+        print(f"data: the checkpoint was trained on the demo shards {DEMO_SHARDS_URI}; using their val/test")
+        return DEMO_SHARDS_URI
+    print(f"data: a fresh corpus with seed {args.seed + 1}, none of whose images the checkpoint was trained on")
+    return make_shards(work, args.images, args.image_size, args.difficulty, args.seed + 1)
+
+
+def train(data_uri: str, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
+    """The small preset, single process: msa.data.PairBatches + msa.train.train_epoch."""
+    from msa.config import resolve_config
+    from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
+    from msa.encoders import build_tokenizer
+    from msa.model import MSAModel
+    from msa.train import build_optimizer, save_checkpoint, seed_everything, train_epoch
+    from shards.manifest import read_manifest
+
+    cfg = resolve_config("small", [f"train.epochs={args.epochs}", *args.set])
+    manifest = read_manifest(data_uri)
+    seed_everything(cfg.train.seed)
+    model = MSAModel(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    dataset = PairBatches(
+        manifest.shard_urls("train"),
+        transform=ImageTransform(cfg.image.size),
+        tokenizer=build_tokenizer(cfg.text.tokenizer or cfg.text.model),
+        max_tokens=cfg.text.max_tokens,
+        batch_size=cfg.train.batch_size,
+        steps_per_epoch=steps_per_epoch(manifest.splits["train"].captions, cfg.train.batch_size, 1),
+        seed=cfg.train.seed,
+    )
+    started, history = time.perf_counter(), []
+    for epoch in range(cfg.train.epochs):
+        dataset.set_epoch(epoch)
+        stats = train_epoch(model, pair_loader(dataset, 0), optimizer, cfg, torch.device("cpu"))
+        elapsed = time.perf_counter() - started
+        history.append({"epoch": epoch, **stats.as_metrics()})
+        print(f"  epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.loss:.2f} (tri {stats.triplet:.2f} "
+              f"align {stats.align:.3f} cons {stats.cons:.4f}), {stats.steps} steps, {elapsed:.0f} s", flush=True)
+        if args.max_minutes and elapsed > 60 * args.max_minutes and epoch + 1 < cfg.train.epochs:
+            print(f"  stopping after epoch {epoch + 1}: over --max-minutes {args.max_minutes}", flush=True)
+            break
+    seconds = time.perf_counter() - started
+    save_checkpoint(out, model=model, optimizer=None, epoch=epoch, cfg=cfg, dataset_digest=manifest.digest,
+                    metrics={"train_seconds": seconds}, history=history)
+    return out, seconds
+
+
+def split_scores(index: Index, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = index.tensors(model.device)
+    sims = t["image_emb"] @ t["text_emb"].T
+    return sims, mscmat_matrix(index, model), t["caption_image"]
+
+
+def query_hits(sims: torch.Tensor, ci: torch.Tensor, dim: int, ks=(1, 5, 10)) -> torch.Tensor:
+    """Per-query hit indicators [len(ks), n_queries] with recall_at_k's rank rule (strictly better count):
+    dim=1 image queries over caption rows, dim=0 caption queries over image columns."""
+    own = sims[ci, torch.arange(sims.shape[1])]
+    if dim == 1:
+        best = sims.new_full((sims.shape[0],), float("-inf")).scatter_reduce(0, ci, own, reduce="amax")
+        rank = (sims > best[:, None]).sum(1)
+    else:
+        rank = (sims > own[None, :]).sum(0)
+    return torch.stack([(rank < k).double() for k in ks])
+
+
+def bootstrap_delta(base: tuple, new: tuple, ci: torch.Tensor, n_images: int, draws: int = 2000) -> tuple:
+    """Paired bootstrap over images (captions follow their image) of the mR difference new - base:
+    returns (2.5th, 97.5th percentile, fraction of draws where new > base)."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.stack([torch.bincount(torch.randint(n_images, (n_images,), generator=g), minlength=n_images)
+                          for _ in range(draws)]).double()  # [draws, N]
+    weights = counts[:, ci]  # [draws, M] caption weights
+
+    def mr(hits: tuple) -> torch.Tensor:
+        i2t, t2i = hits
+        r_i2t = counts @ i2t.T / n_images  # [draws, 3]
+        r_t2i = weights @ t2i.T / weights.sum(1, keepdim=True)
+        return 100.0 * torch.cat([r_i2t, r_t2i], 1).mean(1)
+
+    delta = mr(new) - mr(base)
+    low, high = torch.quantile(delta, torch.tensor([0.025, 0.975], dtype=delta.dtype)).tolist()
+    return low, high, float((delta > 0).double().mean())
+
+
+def evaluate(sims, ms, ci, tops, lam) -> dict[str, dict[str, float]]:
+    rows = {"cosine": recall_at_k(sims, ci)}
+    for top in tops:
+        rows[f"mscmat top{top}"] = reranked_recall(sims, ms, ci, top)
+        rows[f"cos+{lam:g}*mscmat top{top}"] = reranked_recall(sims, sims + lam * ms, ci, top)
+    rows["mscmat all (ref.)"] = recall_at_k(ms, ci)
+    return rows
+
+
+def print_table(rows: dict[str, dict[str, float]], title: str) -> None:
+    base = rows["cosine"]["mR"]
+    print(f"\n{title}")
+    print(f"  {'ranking':<24}" + "".join(f"{k:>9}" for k in KEYS) + f"{'mR ratio':>10}")
+    for name, r in rows.items():
+        ratio = r["mR"] / base if base else float("nan")
+        print(f"  {name:<24}" + "".join(f"{r[k]:9.2f}" for k in KEYS) + f"{ratio:10.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="evaluate this checkpoint dir instead of training one (e.g. from "
+                        ".msa/ray_results/...); without --data: the demo shards if it was trained on them, else a "
+                        "corpus generated with seed --seed + 1")
+    parser.add_argument("--data", help="shard set with val (else train) and test splits; default: generate one")
+    parser.add_argument("--images", type=_counts, default=(300, 100, 100), metavar="TRAIN,VAL,TEST",
+                        help="synthetic corpus size (default 300,100,100)")
+    parser.add_argument("--image-size", type=int, default=64, help="synthetic image size in px (default 64)")
+    parser.add_argument("--difficulty", default="easy", help="synthetic corpus difficulty (default easy)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--max-minutes", type=float, default=5.0, help="stop training after the epoch that passes this")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    parser.add_argument("--tops", default="10,20", help="re-rank depths R (default 10,20)")
+    parser.add_argument("--lambdas", default="0.25,0.5,1,2,4,8", help="blend weights tried on val")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--work", help="working directory (default: a temp dir, removed)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tops = [int(t) for t in args.tops.split(",")]
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="msa-rerank-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        train_seconds = None
+        if args.checkpoint:
+            checkpoint = Path(args.checkpoint)
+            model = load_model(checkpoint, device="cpu")
+            data_uri = args.data or held_out_data(model, work, args)
+        else:
+            data_uri = args.data or make_shards(work, args.images, args.image_size, args.difficulty, args.seed)
+            print("training the small preset in-process (1 process, no Ray):", flush=True)
+            checkpoint, train_seconds = train(data_uri, work / "checkpoint", args)
+            print(f"trained in {train_seconds:.0f} s on {torch.get_num_threads()} thread(s)", flush=True)
+            model = load_model(checkpoint, device="cpu")
+        from shards.manifest import read_manifest
+
+        splits = read_manifest(data_uri).splits
+        val_split = "val" if "val" in splits and splits["val"].images else "train"
+        started = time.perf_counter()
+        indexes = {s: Index.load(build_index(model, data_uri, work / f"index-{s}", split=s)) for s in (val_split, "test")}
+        scores = {s: split_scores(ix, model) for s, ix in indexes.items()}
+        print(f"indexed {val_split} and test and scored every MSCMAT pair in {time.perf_counter() - started:.1f} s")
+
+        # The protocol check: re-ranking with the cosine itself must reproduce cosine-only recall exactly.
+        for name, (sims, _, ci) in scores.items():
+            base = recall_at_k(sims, ci)
+            for top in tops + [sims.shape[0], sims.shape[1]]:
+                same = reranked_recall(sims, sims, ci, top)
+                if same != base:
+                    raise AssertionError(f"identity re-rank top{top} on {name} changed recall: {same} vs {base}")
+        print("identity re-rank check: recall equals cosine-only recall exactly (all R) - OK")
+
+        sims, ms, ci = scores[val_split]
+        val_mr = {lam: sum(reranked_recall(sims, sims + lam * ms, ci, t)["mR"] for t in tops) / len(tops)
+                  for lam in lambdas}
+        best = max(val_mr, key=val_mr.get)
+        print(f"blend weight on {val_split}: " + ", ".join(f"{lam:g}: mR {v:.2f}" for lam, v in val_mr.items())
+              + f"  -> lambda = {best:g}")
+
+        results = {}
+        for split in (val_split, "test"):
+            sims, ms, ci = scores[split]
+            n_img, n_cap = sims.shape
+            rows = evaluate(sims, ms, ci, tops, best)
+            rows["chance"] = chance_recall(ci, n_images=n_img)
+            results[split] = rows
+            print_table(rows, f"{split} split: {n_img} images, {n_cap} captions (recall %, mR ratio vs cosine)")
+
+        from msa.retrieval import rerank_similarities
+
+        test = results["test"]
+        sims, ms, ci = scores["test"]
+        n_img = sims.shape[0]
+        base_hits = (query_hits(sims, ci, 1), query_hits(sims, ci, 0))
+        per_query = [100 * v for hits in base_hits for v in hits.mean(1).tolist()]
+        if max(abs(a - test["cosine"][k]) for a, k in zip(per_query, KEYS[:6])) > 1e-9:
+            raise AssertionError("per-query hits disagree with recall_at_k")
+        print(f"\nre-ranking vs cosine on test (mR difference, 95% paired bootstrap CI over the {n_img} images):")
+        for top in tops:
+            for name, rescored in ((f"mscmat top{top}", ms), (f"cos+{best:g}*mscmat top{top}", sims + best * ms)):
+                hits = (query_hits(rerank_similarities(sims, rescored, top, 1), ci, 1),
+                        query_hits(rerank_similarities(sims, rescored, top, 0), ci, 0))
+                delta = test[name]["mR"] - test["cosine"]["mR"]
+                low, high, p_better = bootstrap_delta(base_hits, hits, ci, n_img)
+                verdict = ("helps" if low > 0 else "hurts" if high < 0 else "no significant change")
+                test[name]["delta_mR_ci95"] = [low, high]
+                print(f"  {name:<24} mR {delta:+6.2f}  CI [{low:+.2f}, {high:+.2f}]  better in {100 * p_better:3.0f}% "
+                      f"of draws -> {verdict}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "train_seconds": train_seconds, "checkpoint": str(checkpoint), "data": data_uri,
+                "blend_lambda": best, "val_blend_mR": val_mr, "results": results,
+            }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

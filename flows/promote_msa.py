@@ -1,0 +1,76 @@
+"""Prefect flow ``promote-msa``: move the ``champion`` alias to a candidate version only if it wins.
+
+The candidate (default: the newest version of ``msa-retrieval``) and the current champion are both
+evaluated on the same test shards (the candidate's dataset digest, re-verified); the alias moves
+only when the candidate's mR beats the champion's by at least ``margin`` points, or when there is
+no champion yet. The decision, both figures and the digest are tagged on the candidate version and
+logged as an MLflow run (``msa.kind=promotion``). Concurrent promotions are serialised at the
+commit by a registry mutex with a re-check of the champion (see msa.registry); the deployment also
+runs one flow run at a time (``concurrency_limit: 1`` in prefect.yaml).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from msa import registry
+from msa.tracking import REGISTERED_MODEL
+from shards.storage import endpoint_options
+
+
+@task(name="evaluate-and-promote")
+def promote_task(
+    candidate_version: str | None,
+    data_uri: str | None,
+    digest: str | None,
+    margin: float,
+    model_name: str,
+    mlflow_uri: str | None,
+    endpoint_url: str | None,
+) -> dict[str, Any]:
+    decision = registry.promote(
+        candidate_version,
+        data_uri=data_uri,
+        digest=digest,
+        margin=margin,
+        model_name=model_name,
+        mlflow_uri=mlflow_uri,
+        storage_options=endpoint_options(endpoint_url),
+    )
+    return decision.to_dict()
+
+
+@flow(name="promote-msa", log_prints=True)
+def promote_msa(
+    candidate_version: str | None = None,
+    margin: float = 0.0,
+    data_uri: str | None = None,
+    digest: str | None = None,
+    model_name: str = REGISTERED_MODEL,
+    mlflow_uri: str | None = None,
+    endpoint_url: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``candidate_version`` against the champion on the same test shards; promote if it wins.
+
+    ``data_uri`` defaults to the shard set the candidate was trained on (its run's ``data_uri``),
+    ``digest`` to the candidate's ``dataset_digest`` tag; the shards found must have that digest.
+    ``margin`` is in mR points (percent). Returns the decision with both figures.
+    """
+    result = promote_task(
+        None if candidate_version in (None, "") else str(candidate_version),
+        data_uri,
+        digest,
+        float(margin),
+        model_name,
+        mlflow_uri,
+        endpoint_url,
+    )
+    champion = "none" if result["champion_mR"] is None else f"{result['champion_mR']:.2f}"
+    get_run_logger().info(
+        "%s v%s: %s (candidate mR %.2f, champion v%s mR %s, digest %s)",
+        result["model_name"], result["candidate_version"], result["decision"], result["candidate_mR"],
+        result["champion_version"], champion, result["dataset_digest"][:16],
+    )
+    return result

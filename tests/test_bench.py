@@ -1,0 +1,149 @@
+"""Smoke test of ``python -m msa.bench``: it runs end to end on the CPU at --tiny sizes. No timing assertions."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa.bench import SECTIONS, NaivePairMSCMAT, build_parser
+from msa.mscmat import MSCMAT
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900  # generous: the CPU may be shared with training runs
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "msa.bench", "--tiny", "--device", "cpu", "--json", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    result = json.loads(out.read_text())
+    result["_stdout"] = proc.stdout
+    return result
+
+
+def times_in(node, path=""):
+    """Every wall-clock duration in the report (keys ending in _ms or _s, or 's'), CPU-time counters excepted."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{path}.{key}"
+            if isinstance(value, (dict, list)):
+                yield from times_in(value, here)
+            elif (key.endswith(("_ms", "_s")) or key == "s") and not key.endswith("cpu_s"):
+                yield here, value
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from times_in(value, f"{path}[{i}]")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return run_bench(tmp_path_factory.mktemp("bench"))
+
+
+def test_reports_exactly_the_requested_sections(full_run):
+    assert full_run["sections"] == list(SECTIONS)
+    assert set(full_run) - {"meta", "sections", "_stdout"} == set(SECTIONS)
+    for title in ("train step", "MSCMAT forward + backward", "evaluation", "input pipeline"):
+        assert f"== {title}" in full_run["_stdout"]
+
+
+def test_every_time_is_finite_and_positive(full_run):
+    found = dict(times_in({k: full_run[k] for k in SECTIONS}))
+    assert len(found) > 20
+    bad = {k: v for k, v in found.items() if not positive(v)}
+    assert not bad, bad
+
+
+def test_sections_have_their_measurements(full_run):
+    meta = full_run["meta"]
+    assert meta["device_type"] == "cpu" and meta["tiny"] and positive(meta["matmul"]["tflops"])
+    batch_sizes = meta["batch_sizes"]
+
+    train = full_run["train"]["rows"]
+    assert [r["batch_size"] for r in train] == batch_sizes
+    for r in train:
+        assert r["status"] == "ok"
+        for key in ("ms_per_step", "pairs_per_s", "peak_mem_bytes", "flops_per_step", "mfu", "encoders_ms"):
+            assert positive(r[key]), (key, r)
+
+    mscmat = full_run["mscmat"]
+    assert mscmat["agreement"]["max_abs_diff"] < 1e-4
+    assert mscmat["agreement"]["max_abs_grad_diff"] < 1e-4
+    assert [r["batch_size"] for r in mscmat["rows"]] == batch_sizes
+    for r in mscmat["rows"]:
+        assert r["naive_status"] == "ok"  # tiny sizes fit every budget
+        for key in ("library_ms", "library_mem_bytes", "naive_ms", "naive_mem_bytes", "speedup_vs_naive"):
+            assert positive(r[key]), (key, r)
+
+    ev = full_run["eval"]
+    assert ev["scaled_down"] and "SCALED DOWN" in full_run["_stdout"]
+    for key in ("image_embed_s", "text_embed_s", "rank_s", "total_s"):
+        assert positive(ev[key])
+    assert positive(ev["end_to_end"]["s"]) and ev["end_to_end"]["images"] > 0
+
+    loader = full_run["loader"]["rows"]
+    assert [r["workers"] for r in loader] == [0, 1]
+    for r in loader:
+        assert positive(r["pairs_per_s"]) and positive(r["pairs_per_cpu_s"]) and r["batches"] > 0
+    assert positive(full_run["loader"]["pairs_per_core_s"])
+
+
+def test_cpu_run_is_never_compared_with_the_gpu_reference(full_run):
+    out = full_run["_stdout"]
+    assert "not comparable" in out and "targets (GPU)" not in out
+    assert "x_reference_pairs_per_s" not in json.dumps(full_run["train"])
+
+
+def test_a_subset_of_sections(tmp_path):
+    result = run_bench(tmp_path, "--sections", "mscmat", "--batch-sizes", "3", "--no-encoders-row")
+    assert result["sections"] == ["mscmat"]
+    assert set(result) - {"meta", "sections", "_stdout"} == {"mscmat"}
+    assert "== train step" not in result["_stdout"]
+    assert result["mscmat"]["agreement"]["max_abs_diff"] < 1e-4
+
+
+def test_naive_baseline_matches_library_at_paper_width():
+    torch.manual_seed(0)
+    library = MSCMAT((256, 512, 1024, 2048), d_model=768, num_heads=12).double()
+    with torch.no_grad():
+        for p in library.parameters():  # move every parameter off its init so each one matters
+            p.add_(0.05 * torch.randn_like(p))
+    naive = NaivePairMSCMAT(library)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(3, c, generator=g, dtype=torch.float64) for c in (256, 512, 1024, 2048)]
+    tokens = torch.randn(2, 30, 768, generator=g, dtype=torch.float64)  # rectangular: 3 images x 2 captions
+    cls = torch.nn.functional.normalize(torch.randn(2, 768, generator=g, dtype=torch.float64), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(naive(feats, tokens, cls), library(feats, tokens, cls), rtol=0, atol=1e-12)
+
+
+def test_help_explains_every_option(capsys):
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 15, action.option_strings
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--preset", "--batch-sizes", "--device", "--steps", "--warmup", "--bf16", "--no-bf16",
+                   "--sections", "--tiny", "--matmul-tflops", "--json"):
+        assert option in text
+
+
+def test_rejects_unknown_sections():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--sections", "train,nope"])
