@@ -20,18 +20,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from msa.paths import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "msa-process"
-QUIET_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    "PYTHONUNBUFFERED": "1",
-}
+QUIET_ENV = {**OFFLINE_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def free_port() -> int:

@@ -16,17 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from msa.config import MSAConfig
+from msa.paths import OFFLINE_ENV
 from msa.train import HISTORY_FILE
-
-# Environment every Ray worker needs on an offline, quiet cluster.
-WORKER_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
 
 @dataclass
 class TrainJob:
@@ -94,7 +85,6 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    import torch
 
     from msa import tracking
     from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
@@ -222,12 +212,12 @@ def run_training(job: TrainJob, ray_address: str | None = None, callbacks: list 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    for key, value in WORKER_ENV.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(
             address=ray_address or os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": {**WORKER_ENV, **_forwarded_env()}},
+            runtime_env={"env_vars": {**OFFLINE_ENV, **_forwarded_env()}},
             log_to_driver=True,
         )
     cfg = MSAConfig.from_dict(job.config)

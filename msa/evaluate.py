@@ -25,7 +25,8 @@ class EmbeddedSplit:
         return self.image_emb @ self.text_emb.T
 
 
-def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+def chunked(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    """Consecutive lists of ``size`` samples (the last may be shorter)."""
     chunk: list[Sample] = []
     for sample in samples:
         chunk.append(sample)
@@ -54,7 +55,7 @@ def embed_split(
     device = torch.device(device)
     image_embs, text_embs, caption_image, keys, captions = [], [], [], [], []
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for chunk in _chunks(iterate_samples(urls, key_filter), batch_size):
+        for chunk in chunked(iterate_samples(urls, key_filter), batch_size):
             pixels = torch.stack([transform(s.image) for s in chunk]).to(device, non_blocking=True)
             image_embs.append(model.encode_image(pixels)[0].float())
             for sample in chunk:

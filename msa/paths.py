@@ -12,5 +12,16 @@ DEMO_CORPUS_DIR = LOCAL_STATE / "corpus" / "synth-demo"
 DEMO_SHARDS_URI = str(LOCAL_STATE / "shards" / "synth-demo")
 
 
+# Every process of the product runs offline (no hub look-ups that retry for a minute) and quiet.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
 def default_ray_storage() -> str:
     return str(LOCAL_STATE / "ray_results")

@@ -46,14 +46,15 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from msa.config import MSAConfig
-from msa.data import ImageTransform, Sample, iterate_samples
+from msa.data import ImageTransform, iterate_samples
+from msa.evaluate import chunked
 from msa.encoders import build_tokenizer, tokenize
 from msa.metrics import recall_at_k
 from msa.model import MSAModel
@@ -380,22 +381,11 @@ def _read_array(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
     return array
 
 
-def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    chunk: list[Sample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 @torch.no_grad()
 def embed_for_index(model: RetrievalModel, urls: list[str], batch_size: int = 128) -> dict[str, Any]:
     """Every image (v and its K scale vectors) and every caption ([CLS]) of the shards, once, in order."""
     image_emb, scales, caption_image, keys, captions, text_emb = [], [], [], [], [], []
-    for chunk in _batches(iterate_samples(urls), batch_size):
+    for chunk in chunked(iterate_samples(urls), batch_size):
         pixels = torch.stack([model.transform(s.image) for s in chunk])
         v, feats = model.encode_images(pixels)
         image_emb.append(v.cpu())

@@ -875,7 +875,6 @@ def _be(plural: bool) -> str:
 
 
 def _sentence(focus: frozenset, p: _Phrases) -> str:
-    r = p.rng
     if focus == {"lc", "lin", "obj"}:
         (L, lp), (O, op) = p.lin(), p.obj()
         verb = p.pick(LIN_VERBS)[lp]
