@@ -9,6 +9,7 @@ checkpoint -> new ``msa-retrieval`` version. Registration does not move ``champi
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
@@ -103,8 +104,6 @@ def tune_msa(
         mlflow_uri=mlflow_uri,
         storage_options=options or {},
     )
-    from dataclasses import asdict
-
     result = tune_task(asdict(job), ray_address, register_best)
     for trial in result["trials"]:
         best = "-" if trial["best_val_mR"] is None else f"{trial['best_val_mR']:.2f}"

@@ -159,6 +159,17 @@ def download_version(version: str, dst: str | Path, model_name: str = REGISTERED
     return Path(path)
 
 
+def _artifact_dir(model_dir: Path, key: str) -> Path:
+    """Where the pyfunc's artifact ``key`` landed (MLmodel records it; the folder keeps the source's name)."""
+    import yaml
+
+    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if key not in artifacts:
+        raise ValueError(f"{model_dir}: the model has no {key!r} artifact (have {sorted(artifacts)})")
+    return model_dir / artifacts[key]["path"]
+
+
 def evaluate_version(
     version: str,
     data_uri: str,
@@ -184,8 +195,8 @@ def evaluate_version(
         raise ValueError(f"shard set {data_uri} has no {split!r} split to evaluate on")
     with tempfile.TemporaryDirectory() as tmp:
         root = download_version(version, tmp, model_name)
-        state = load_checkpoint(root / "artifacts" / CHECKPOINT_ARTIFACT, map_location="cpu")
-        tokenizer = build_tokenizer(str(root / "artifacts" / TOKENIZER_ARTIFACT))
+        state = load_checkpoint(_artifact_dir(root, CHECKPOINT_ARTIFACT), map_location="cpu")
+        tokenizer = build_tokenizer(str(_artifact_dir(root, TOKENIZER_ARTIFACT)))
     model, cfg = model_from_checkpoint(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from msa import registry, tracking
-from msa.config import MSAConfig, resolve_config
-from msa.driver import WORKER_ENV, TrainJob, _forwarded_env, run_training
+from msa.config import resolve_config
+from msa.driver import TrainJob, _forwarded_env, run_training
+from msa.paths import OFFLINE_ENV
 from msa.train import HISTORY_FILE
 
 RECALL_KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
@@ -200,7 +200,7 @@ def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
     tracking.finish_run(run_id)
 
 
-def _ensure_ray(ray_address: str | None) -> None:
+def ensure_ray(ray_address: str | None) -> None:
     """Attach to ``ray_address``/RAY_ADDRESS, else start a local cluster whose workers know its address.
 
     Ray Train's PlacementGroupCleaner (which frees the workers' placement group when Tune stops a
@@ -211,11 +211,11 @@ def _ensure_ray(ray_address: str | None) -> None:
     """
     import ray
 
-    for key, value in WORKER_ENV.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    env = {**WORKER_ENV, **_forwarded_env()}
+    env = {**OFFLINE_ENV, **_forwarded_env()}
     address = ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
@@ -297,6 +297,10 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
 
     if job.num_samples < 1 or job.max_concurrent_trials < 0 or job.workers_per_trial < 1:
         raise ValueError("num_samples and workers_per_trial must be >= 1, max_concurrent_trials >= 0")
+    if job.search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, not {job.search!r}")
+    if job.gpus_per_worker not in (0, 1):
+        raise ValueError("gpus_per_worker must be 0 or 1 (one GPU per DDP rank)")
     validate_space(job.space, job.preset, job.overrides)
     base = resolve_config(job.preset, job.overrides)
     epochs = base.train.epochs
@@ -327,10 +331,7 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
     registry.log_dict(parent, job.space, "search_space.json")
     started = time.perf_counter()
     try:
-        _ensure_ray(ray_address)
-        use_gpu = job.gpus_per_worker > 0
-        if use_gpu and job.gpus_per_worker != 1:
-            raise ValueError("gpus_per_worker must be 0 or 1 (one GPU per DDP rank)")
+        ensure_ray(ray_address)
         trainable = tune.with_resources(
             tune.with_parameters(trial_fn, job={"tune": asdict(job), "parent_run_id": parent}),
             {"CPU": job.trial_driver_cpus},

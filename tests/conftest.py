@@ -1,6 +1,6 @@
 """Shared fixtures: a real MLflow server, a tiny synthetic shard set, the local Prefect stack.
 
-All are session-scoped and start lazily (only when a test asks for them):
+Session-scoped unless noted; each starts only when a test asks for it:
 
 - ``mlflow_server``: ``mlflow server`` on 127.0.0.1 (free port), SQLite backend and a proxied
   artifact root in a temporary directory, one worker and background jobs off (starts in ~15 s
@@ -8,6 +8,9 @@ All are session-scoped and start lazily (only when a test asks for them):
   so tests use their own registered-model names or assert on what they created.
 - ``tiny_corpus`` / ``tiny_shards``: a 48/16/16-image synthetic corpus (32 px) and its shards
   (written once with ``shards.writer.write_shards``); ``tiny_shards`` yields the shard set's path.
+- ``ray_cluster`` (per test): a local Ray cluster for tests that train (msa.tune.ensure_ray), shut down at
+  session end; ``tiny_overrides``: config overrides for tiny runs.
+- ``fast_model_logging`` (per module): skips MLflow's slow pip-requirement inference when logging models.
 - ``prefect_stack``: ``infra.stack.up`` in a temporary state directory with free ports (Prefect
   server, process worker, MLflow server, every deployment of prefect.yaml); yields the stack's
   environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, ...) and points in-process flow runs at it.
@@ -137,12 +140,73 @@ def prefect_stack(tmp_path_factory):
 
     from infra.stack import down, up
 
-    state = tmp_path_factory.mktemp("stack")
-    env_file = state / "stack.env"
+    state = tmp_path_factory.mktemp("stack") / "state"
+    env_file = state.parent / "stack.env"
+    # The worker inherits this environment: poll for scheduled runs every 2 s, not 10 s.
+    saved = os.environ.get("PREFECT_WORKER_QUERY_SECONDS")
+    os.environ["PREFECT_WORKER_QUERY_SECONDS"] = "2"
     try:
-        stack_env = up(state / "state", _free_port(), _free_port(), env_file)
+        stack_env = up(state, _free_port(), _free_port(), env_file)
+    except BaseException:
+        down(state, env_file)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_WORKER_QUERY_SECONDS", None)
+        else:
+            os.environ["PREFECT_WORKER_QUERY_SECONDS"] = saved
+    try:
         with temporary_settings(updates={PREFECT_API_URL: stack_env["PREFECT_API_URL"],
                                          PREFECT_HOME: stack_env["PREFECT_HOME"]}):
-            yield {**stack_env, "STATE_DIR": str(state / "state")}
+            yield {**stack_env, "STATE_DIR": str(state)}
     finally:
-        down(state / "state", env_file)
+        down(state, env_file)
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down, at session end, the Ray cluster ``ray_cluster`` started (if still up)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """A local Ray cluster (started once, re-started if another test shut it down) whose workers
+    know its address (msa.tune.ensure_ray), so Ray Train's placement-group cleaner works even when
+    other Ray instances run on the machine."""
+    from msa.tune import ensure_ray
+
+    ensure_ray(None)
+    yield
+
+
+@pytest.fixture
+def tiny_overrides() -> dict:
+    """Config overrides that keep a small-preset run tiny on two CPU cores."""
+    return dict(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def fast_model_logging():
+    """Skip MLflow's pip-requirement inference when a test logs a pyfunc model without explicit
+    requirements: the inference re-imports the model in a subprocess (~20 s per model on two busy
+    cores; 0.2 s without it). The logged model is otherwise exactly the product's."""
+    import functools
+
+    import mlflow.pyfunc
+
+    original = mlflow.pyfunc.log_model
+
+    @functools.wraps(original)
+    def log_model(*args, **kwargs):
+        if kwargs.get("pip_requirements") is None and kwargs.get("extra_pip_requirements") is None:
+            kwargs["pip_requirements"] = ["torch", "timm", "transformers", "mlflow"]
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mlflow.pyfunc, "log_model", log_model)
+        yield
