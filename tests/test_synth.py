@@ -108,8 +108,8 @@ def test_karpathy_layout_and_images(tmp_path, fmt, size):
 
 def test_annotation_written_last(tmp_path, monkeypatch):
     order = []
-    real = synth._atomic_write
-    monkeypatch.setattr(synth, "_atomic_write", lambda p, data: (order.append(Path(p).name), real(p, data)))
+    real = synth.corpus._atomic_write
+    monkeypatch.setattr(synth.corpus, "_atomic_write", lambda p, data: (order.append(Path(p).name), real(p, data)))
     generate_corpus(tmp_path, splits={"train": 4, "test": 2}, image_size=32)
     assert len(order) == 7 and order[-1] == "dataset_synth.json"
     assert all(n.startswith("synth_") for n in order[:-1])
@@ -141,12 +141,12 @@ def test_deterministic_and_seed_dependent(tmp_path):
 def test_workers_output_identical(tmp_path, monkeypatch):
     used = []
 
-    class Pool(synth.ProcessPoolExecutor):
+    class Pool(synth.corpus.ProcessPoolExecutor):
         def __init__(self, *a, **k):
             used.append(a[0] if a else k.get("max_workers"))
             super().__init__(*a, **k)
 
-    monkeypatch.setattr(synth, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(synth.corpus, "ProcessPoolExecutor", Pool)
     kw = dict(splits={"train": 8, "val": 2, "test": 2}, image_size=32, seed=5, image_format="mixed")
     one = _digest(generate_corpus(tmp_path / "w1", workers=1, **kw).parent)
     assert used == []
@@ -171,7 +171,7 @@ def test_captions_name_only_what_is_drawn(corpus, diff):
         counts = {g.count for g in a.objects}
         places = {g.location for g in a.objects if g.location}
         for r in a.regions[1:]:
-            places |= {r.side, synth._OPPOSITE[r.side]}
+            places |= {r.side, synth.scenes._OPPOSITE[r.side]}
         caps = [set(s["tokens"]) for s in e["sentences"]]
         for w in caps:
             where = f"{e['filename']}: {w} vs {e['synth_attrs']}"
@@ -180,7 +180,7 @@ def test_captions_name_only_what_is_drawn(corpus, diff):
             assert _names(w, COVER_WORDS) <= covers, where
             assert {NUMBER_WORDS[t] for t in w & NUMBER_WORDS.keys()} <= counts, where
             if w & MANY_WORDS:
-                assert max(counts) >= synth.MANY, where
+                assert max(counts) >= synth.scenes.MANY, where
             assert {PLACE_WORDS[t] for t in w & PLACE_WORDS.keys()} <= places, where
         # every object class, every linear feature and the land cover are named somewhere
         for kind in objs:
@@ -249,8 +249,8 @@ def test_reported_count_is_the_drawn_count(monkeypatch):
     """Twelve buildings asked for in the small centre zone do not fit: the attributes (and so the
     captions' count words) report exactly how many were drawn."""
     drawn_calls = []
-    real = synth.OBJECT_DRAWERS["building"]
-    monkeypatch.setitem(synth.OBJECT_DRAWERS, "building",
+    real = synth.render.OBJECT_DRAWERS["building"]
+    monkeypatch.setitem(synth.render.OBJECT_DRAWERS, "building",
                         lambda img, S, x, y, *a: (drawn_calls.append((x, y)), real(img, S, x, y, *a)))
     a = SceneAttrs([Region("farmland")], [], [ObjectGroup("building", 12, "center")])
     _, drawn = render_scene(a, np.random.default_rng(2), 48, knobs("easy"))
@@ -258,7 +258,7 @@ def test_reported_count_is_the_drawn_count(monkeypatch):
     assert 1 <= g.count < 12 and g.count == len(drawn_calls)
     assert all(abs(x - 0.5) < 0.22 and abs(y - 0.5) < 0.22 for x, y in drawn_calls)
     caps = describe_scene(drawn, np.random.default_rng(0))
-    words = {synth.COUNT_WORDS[g.count]} if g.count < synth.MANY else MANY_WORDS
+    words = {synth.captions.COUNT_WORDS[g.count]} if g.count < synth.scenes.MANY else MANY_WORDS
     assert all(set(re.findall(r"[a-z]+", c)) & words for c in caps if "buildings" in c), (g.count, caps)
 
 

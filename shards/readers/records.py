@@ -1,0 +1,204 @@
+"""What every reader produces (samples, problems, a listing) and the per-record checks they share.
+
+All formats hand their records to :class:`_Builder`, so the bad-input policy and the sample keys
+are the same whatever the layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .corpora import CorpusSpec
+
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class InputError(Exception):
+    """The corpus (annotations or images) is invalid; ``problems`` lists every finding."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad sample or record. ``source`` is the image filename when known, else the annotation
+    file with its record/line number."""
+
+    source: str
+    reason: str
+    split: str | None = None
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "reason": self.reason, "split": self.split, "key": self.key}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with all its captions."""
+
+    corpus: str
+    key: str
+    split: str
+    filename: str  # as written in the annotations, relative to the image folder
+    image_path: str  # absolute local path
+    captions: tuple[str, ...]
+    image_id: str | int
+
+
+def corpus_slug(name: str) -> str:
+    """A corpus name usable in keys: lower case, [a-z0-9_-] only."""
+    slug = _KEY_SAFE.sub("_", name.strip().lower()).strip("_")
+    return slug or "corpus"
+
+
+def sample_key(corpus: str, filename: str) -> str:
+    """Stable key from the corpus and the image's relative filename, with no '.' in it.
+
+    ``ucm`` + ``1.tif`` -> ``ucm_1``. When the name needs sanitising (sub-folders, dots, spaces),
+    a short hash of the full filename is appended so distinct files never share a key."""
+    stem = filename.rsplit(".", 1)[0] if "." in filename.rsplit("/", 1)[-1] else filename
+    if _KEY_SAFE.search(stem) is None and stem:
+        return f"{corpus}_{stem}"
+    digest = hashlib.sha1(filename.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{corpus}_{_KEY_SAFE.sub('_', stem)}-{digest}"
+
+
+@dataclass
+class Listing:
+    """What a reader found: the samples, per-sample problems, warnings and the corpus name."""
+
+    corpus: str
+    annotations: str  # file name (no directory) of the annotation file
+    annotations_sha256: str
+    samples: list[Sample] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    spec: CorpusSpec | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# text helpers
+
+
+def _decode(path: Path) -> tuple[str, bytes]:
+    """Read a text file; invalid UTF-8 bytes survive as surrogates and are reported per record."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read annotations: {exc.strerror or exc}") from exc
+    text = raw.decode("utf-8", "surrogateescape")
+    return text.removeprefix("\ufeff"), raw
+
+
+def _bad_text(s: str) -> str | None:
+    """None if ``s`` is valid Unicode text, else a description of the bad byte/char."""
+    if s.isascii():
+        return None
+    try:
+        s.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        ch = s[exc.start]
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"invalid UTF-8 byte 0x{code - 0xDC00:02x}"
+        return f"lone surrogate U+{code:04X}"
+
+
+# --------------------------------------------------------------------------------------------------
+# shared record handling
+
+
+class _Builder:
+    def __init__(self, listing: Listing, images_dir: Path, expected_captions: int | None):
+        self.listing = listing
+        self.images_dir = str(images_dir)
+        self.expected_captions = expected_captions
+        self.seen_files: dict[str, str] = {}
+        self.seen_keys: dict[str, str] = {}
+
+    def problem(self, source: str, reason: str, split: str | None = None, key: str | None = None):
+        self.listing.problems.append(Problem(source, reason, split, key))
+
+    def add(self, where: str, filename, split, captions, image_id) -> None:
+        """Validate one record and append a Sample or a Problem. ``where`` names the record."""
+        L = self.listing
+        if not isinstance(filename, str) or not filename.strip():
+            self.problem(where, "missing or empty image filename")
+            return
+        bad = _bad_text(filename)
+        if bad:
+            self.problem(where, f"image filename is not valid UTF-8 ({bad})")
+            return
+        src = filename
+        split_ok = isinstance(split, str) and SPLIT_RE.match(split)
+        if split is None:
+            self.problem(src, "missing split")
+            return
+        if not split_ok:
+            self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
+            return
+        if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
+            self.problem(src, "absolute image path escapes the image folder", split)
+            return
+        parts = [x for x in filename.replace("\\", "/").split("/") if x not in ("", ".")]
+        if ".." in parts:
+            self.problem(src, "image path escapes the image folder ('..')", split)
+            return
+        if not parts:
+            self.problem(where, "missing or empty image filename")
+            return
+        rel = "/".join(parts)
+        key = sample_key(L.corpus, rel)
+        if not isinstance(captions, list):
+            self.problem(src, "no captions (missing or not a list)", split, key)
+            return
+        texts: list[str] = []
+        blank = 0
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                what = "is missing" if c is None else f"is not text ({type(c).__name__})"
+                self.problem(src, f"caption {i + 1} {what}", split, key)
+                return
+            bad = _bad_text(c)
+            if bad:
+                self.problem(src, f"caption {i + 1} is not valid UTF-8 ({bad})", split, key)
+                return
+            c = c.strip()
+            if c:
+                texts.append(c)
+            else:
+                blank += 1
+        if not texts:
+            self.problem(src, "no captions (empty list or only blank captions)", split, key)
+            return
+        if blank:
+            L.warnings.append(f"{src}: dropped {blank} blank caption(s)")
+        if rel in self.seen_files:
+            self.problem(src, f"duplicate filename (first listed at {self.seen_files[rel]})", split, key)
+            return
+        if key in self.seen_keys:
+            self.problem(src, f"sample key {key!r} collides with {self.seen_keys[key]}", split, key)
+            return
+        self.seen_files[rel] = where
+        self.seen_keys[key] = filename
+        if self.expected_captions and len(texts) != self.expected_captions:
+            L.warnings.append(f"{src}: {len(texts)} captions, {L.corpus} expects {self.expected_captions}")
+        if image_id is None or isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
+            image_id = parts[-1].rsplit(".", 1)[0] if "." in parts[-1] else parts[-1]
+        L.samples.append(Sample(L.corpus, key, split, filename, os.path.join(self.images_dir, *parts),
+                                tuple(texts), image_id))
