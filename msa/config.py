@@ -3,96 +3,145 @@
 A config is built from a named preset plus dotted overrides (``train.epochs=5``) and never
 mutated afterwards; ``to_dict``/``flat_params`` give the exact form logged to MLflow and stored
 in checkpoints, and ``from_dict`` restores it from either.
+
+The sections are frozen pydantic models with strict types and ranges, so a bad value is refused
+where the config is resolved, as one ``ConfigError`` line naming the dotted key, the value given
+and what is allowed (``train.batch_size=-4: must be an integer >= 1``), not deep inside a run.
+This module imports only pydantic, yaml and the standard library: the command line's ``--help``
+imports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+import math
+import numbers
+import types
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ConfigError(ValueError):
+    """A bad preset, override or stored config; the message is one line naming the dotted key."""
+
+
+def _as_int(value: Any) -> Any:
+    """Integers (numpy's too) and whole floats pass; anything else is left for strict validation to refuse."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _as_float(value: Any) -> Any:
+    """Reals and numeric strings pass: YAML 1.1 reads ``1e-3`` (no dot) as the string '1e-3'."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON and YAML give lists
+
+
+Int = Annotated[int, BeforeValidator(_as_int)]
+Float = Annotated[float, BeforeValidator(_as_float), Field(allow_inf_nan=False)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Fraction = Annotated[Float, Field(ge=0, lt=1)]
+Name = Annotated[str, Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ImageConfig(_Section):
     """Image tower: a timm backbone with four feature stages (spec section 1)."""
 
-    backbone: str = "resnet50.tv_in1k"
-    # "hub" (timm pretrained), a local state-dict path, "efficientnet-lite0-package", or None (random).
-    weights: str | None = "hub"
+    backbone: Name = "resnet50.tv_in1k"
+    # "hub" (timm pretrained), "efficientnet-lite0-package", a local state-dict path, or None (random).
+    # A free string: any path is allowed, so it is checked when the model is built, not here.
+    weights: Name | None = "hub"
     fallback_random: bool = False
-    size: int = 224
+    size: Int = Field(224, ge=16)
 
 
-@dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_Section):
     """Text tower: any BERT-family model; captions are exactly ``max_tokens`` long."""
 
-    model: str = "bert-base-uncased"
-    weights: str | None = "pretrained"  # "pretrained" or None (random init from the config)
-    tokenizer: str | None = None  # defaults to ``model``
-    config_overrides: dict[str, Any] = field(default_factory=dict)
+    model: Name = "bert-base-uncased"
+    weights: Literal["pretrained", None] = "pretrained"  # "pretrained" or None (random init from the config)
+    tokenizer: Name | None = None  # defaults to ``model``
+    config_overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
     fallback_random: bool = False
-    max_tokens: int = 31
+    max_tokens: Int = Field(31, ge=2)
 
 
-@dataclass(frozen=True)
-class MSCMATConfig:
-    num_heads: int = 12
+class MSCMATConfig(_Section):
+    # Must divide the text hidden size; checked when the model is built, where that size is known.
+    num_heads: Int = Field(12, ge=1)
     key_padding_mask: bool = False  # improved variant: ignore [PAD] tokens (paper: attends to them)
 
 
-@dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     """Weights and variants of L = L_tri + w_align * sum L_align + w_cons * sum L_cons (spec section 3)."""
 
-    w_align: float = 15.0
-    w_cons: float = 10.0
-    margin: float = 0.5
-    cons_temperature: float = 2.0
+    w_align: NonNegativeFloat = 15.0
+    w_cons: NonNegativeFloat = 10.0
+    margin: NonNegativeFloat = 0.5
+    cons_temperature: PositiveFloat = 2.0
     # Improved variants; the paper preset keeps each at its reference behaviour.
-    align_temperature: float | None = None
+    align_temperature: PositiveFloat | None = None
     align_both_directions: bool = False
     mask_same_image: bool = False
     triplet_reduction: Literal["sum", "mean"] = "sum"
     triplet_negatives: Literal["hardest", "all"] = "hardest"
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+class OptimConfig(_Section):
+    lr: PositiveFloat = 1e-5
+    weight_decay: NonNegativeFloat = 0.1
+    betas: Annotated[tuple[Fraction, Fraction], BeforeValidator(_as_tuple)] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 32
-    epochs: int = 60
-    seed: int = 1
+class TrainConfig(_Section):
+    batch_size: Int = Field(32, ge=1)
+    epochs: Int = Field(60, ge=1)
+    seed: Int = Field(1, ge=0, le=2**32 - 1)  # numpy's seed range
     # Fraction of train images carved (deterministically) into validation when a corpus has none.
-    val_fraction: float = 0.1
-    eval_batch_size: int = 128
-    loader_workers: int = 1
+    val_fraction: Fraction = 0.1
+    eval_batch_size: Int = Field(128, ge=1)
+    loader_workers: Int = Field(1, ge=0)
     bf16: bool = True  # bf16 autocast, applied on GPU only
-    keep_checkpoints: int = 2
+    keep_checkpoints: Int = Field(2, ge=1)
 
 
-@dataclass(frozen=True)
-class MSAConfig:
-    preset: str
-    image: ImageConfig = field(default_factory=ImageConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    mscmat: MSCMATConfig = field(default_factory=MSCMATConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class MSAConfig(_Section):
+    preset: Name
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    mscmat: MSCMATConfig = Field(default_factory=MSCMATConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able python (``betas`` becomes a list); ``from_dict`` reads it back."""
+        return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -110,27 +159,78 @@ class MSAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MSAConfig":
-        unknown = set(data) - {"preset"} - set(_SECTIONS)
-        if unknown:
-            raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        kwargs: dict[str, Any] = {"preset": data["preset"]}
-        for name, section_cls in _SECTIONS.items():
-            if name in data:
-                values = dict(data[name])
-                if name == "optim" and "betas" in values:
-                    values["betas"] = tuple(values["betas"])
-                kwargs[name] = section_cls(**values)
-        return cls(**kwargs)
+        """Validate a dict as ``to_dict`` wrote it (or a checkpoint's); raises ConfigError."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a mapping of sections, got {_show(data)}")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise ConfigError(_explain(e, data)) from None
 
 
-_SECTIONS = {
-    "image": ImageConfig,
-    "text": TextConfig,
-    "mscmat": MSCMATConfig,
-    "loss": LossConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
+_SECTIONS: dict[str, type[_Section]] = {
+    name: info.annotation for name, info in MSAConfig.model_fields.items() if name != "preset"  # type: ignore[misc]
 }
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, on one line: YAML's null/true/false, repr otherwise."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bounds(metadata: Any) -> list[str]:
+    out = []
+    for item in metadata:
+        for sub in getattr(item, "metadata", None) or [item]:  # a Field(...) keeps its constraints in .metadata
+            for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if getattr(sub, attr, None) is not None:
+                    out.append(f"{op} {getattr(sub, attr)}")
+    return out
+
+
+def _allowed(tp: Any, metadata: Any = ()) -> str:
+    """What a field accepts, in words, read off its annotation and constraints."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _allowed(args[0], (*args[1:], *metadata))
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if origin in (Union, types.UnionType):
+        text = " or ".join(_allowed(a) for a in args if a is not type(None))
+        return text + " or null" if type(None) in args else text
+    if origin is tuple:
+        return f"a list of {len(args)} items, each {_allowed(args[0])}"
+    if origin is dict:
+        return "a mapping with string keys"
+    if tp is str:
+        non_empty = any(getattr(s, "min_length", None) for m in metadata for s in getattr(m, "metadata", None) or [m])
+        return "a non-empty string" if non_empty else "a string"
+    base = {bool: "true or false", int: "an integer", float: "a finite number"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return " ".join([base, " and ".join(_bounds(metadata))]).strip()
+
+
+def _explain(exc: ValidationError, data: Mapping[str, Any]) -> str:
+    """Pydantic's first error as one line: ``dotted.key=value: must be ...``."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    section = _SECTIONS.get(loc[0]) if loc else None
+    depth = 2 if section is not None and len(loc) > 1 else 1
+    dotted = ".".join(loc[:depth]) or "config"
+    if err["type"] == "extra_forbidden":
+        where = f"in {loc[0]}: {', '.join(section.model_fields)}" if depth == 2 else f"sections: {', '.join(_SECTIONS)}"
+        return f"{dotted}: unknown config key; valid keys {where}"
+    if err["type"] == "missing" and len(loc) == depth:
+        return f"{dotted}: required key is missing"
+    if depth == 1 and section is not None:
+        return f"{dotted}={_show(data.get(loc[0]))}: must be a mapping of {loc[0]} keys"
+    info = (section if depth == 2 else MSAConfig).model_fields.get(loc[depth - 1])
+    given = data.get(loc[0])
+    if depth == 2:
+        given = given.get(loc[1]) if isinstance(given, Mapping) else getattr(given, loc[1], None)
+    allowed = _allowed(info.annotation, info.metadata) if info is not None else err["msg"]
+    return f"{dotted}={_show(given)}: must be {allowed}"
+
 
 _TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256}
 
@@ -162,41 +262,39 @@ PRESETS: dict[str, MSAConfig] = {
 
 
 def parse_overrides(items: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """``["train.epochs=5", "image.weights=null"]`` -> {"train.epochs": 5, ...}; values parse as YAML."""
+    """``["train.epochs=5", "image.weights=null"]`` -> {"train.epochs": 5, ...}; values parse as YAML.
+
+    Only the syntax is checked here; keys and values are checked by ``resolve_config``.
+    """
     if not items:
         return {}
     if isinstance(items, Mapping):
-        return dict(items)
+        return {str(k).strip(): v for k, v in items.items()}
     out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
+    for item in [items] if isinstance(items, str) else items:
+        key, sep, raw = str(item).partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        out[key.strip()] = yaml.safe_load(raw)
+            raise ConfigError(f"override {_show(item)} has no '=': write it as section.key=value, e.g. train.epochs=5")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or "invalid YAML").split())
+            raise ConfigError(f"{key.strip()}={raw.strip()!r}: not a YAML value ({problem})") from None
     return out
 
 
 def resolve_config(preset: str = "small", overrides: list[str] | Mapping[str, Any] | None = None) -> MSAConfig:
-    """The one place a run's configuration is decided."""
+    """The one place a run's configuration is decided; raises ConfigError on any bad key or value."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {_show(preset)}; choose one of {', '.join(sorted(PRESETS))}")
     data = PRESETS[preset].to_dict()
     for dotted, value in parse_overrides(overrides).items():
         section, _, key = dotted.partition(".")
-        if section not in _SECTIONS or key not in data[section]:
-            valid = sorted(f"{s}.{k}" for s in _SECTIONS for k in data[s])
-            raise ValueError(f"unknown config key {dotted!r}; valid keys: {', '.join(valid)}")
-        data[section][key] = _coerce(value, data[section][key], dotted)
+        if section not in _SECTIONS or not key:
+            raise ConfigError(f"{dotted or repr(dotted)}: unknown config key; keys look like section.key "
+                              f"(e.g. train.epochs), sections: {', '.join(_SECTIONS)}")
+        if key not in _SECTIONS[section].model_fields:
+            raise ConfigError(f"{dotted}: unknown config key; valid keys in {section}: "
+                              f"{', '.join(_SECTIONS[section].model_fields)}")
+        data[section][key] = value
     return MSAConfig.from_dict(data)
-
-
-def _coerce(value: Any, current: Any, dotted: str) -> Any:
-    """Match the preset value's type, so ``optim.lr=1e-3`` (a YAML string) becomes a float."""
-    if isinstance(current, bool) or value is None or current is None:
-        return value
-    if isinstance(current, (int, float)) and isinstance(value, (str, int, float)):
-        try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float)) else value
-        except ValueError:
-            raise ValueError(f"{dotted}: expected a number, got {value!r}") from None
-    return value
