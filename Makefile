@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/msa demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests -q
 
 bench: $(STAMP)

@@ -1,18 +1,21 @@
 """Does MSCMAT re-ranking of the cosine top-R help retrieval? Measured on a synthetic test split.
 
-Trains a small-preset model briefly in-process (one process, no Ray; torch pieces of msa.train) on a
-small synthetic corpus, or takes --checkpoint, builds retrieval indexes of the val and test splits with
-msa.retrieval.build_index, and reports i2t/t2i R@1/5/10 and mR for:
+Trains a small-preset model briefly in-process (one process, no Ray: ``msa.engine.fit`` with
+``msa.engine.LocalCheckpoints``, the training loop the Ray workers run; validation recall after every
+epoch, the epoch with the best val mR kept) on a small synthetic corpus, or takes --checkpoint; loads
+the model with ``msa.retrieval.resolve_model``, builds retrieval indexes of the val and test splits
+with msa.retrieval.build_index, and reports i2t/t2i R@1/5/10 and mR for:
 
   cosine only (the reference's test-time ranking), MSCMAT alone re-ranking the top R, and
   cosine + lambda * MSCMAT re-ranking the top R (lambda chosen on VAL, reported on TEST),
 
-for R in --tops (default 10, 20), plus MSCMAT ranking the whole split for reference. Re-ranked recall
-uses msa.metrics.recall_at_k on a similarity matrix whose per-query top-R entries carry the re-rank
-scores above the rest (msa.retrieval.reranked_recall); with the identity re-rank it must equal
-cosine-only recall exactly, which is checked first.
+for R in --tops (default 10, 20), plus MSCMAT ranking the whole split for reference. The checkpoint
+epoch and lambda are both chosen on val; test is only reported. Re-ranked recall uses
+msa.metrics.recall_at_k on a similarity matrix whose per-query top-R entries carry the re-rank scores
+above the rest (msa.retrieval.reranked_recall); with the identity re-rank it must equal cosine-only
+recall exactly, which is checked first.
 
-    nice -n 10 .venv/bin/python bench/rerank.py                        # train ~3-4 min on 1 thread
+    nice -n 10 .venv/bin/python bench/rerank.py                        # train ~4 min on 1 thread
     nice -n 10 .venv/bin/python bench/rerank.py --checkpoint DIR --data SHARDS
 """
 
@@ -34,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from msa.metrics import chance_recall, recall_at_k  # noqa: E402
-from msa.retrieval import Index, build_index, load_model, mscmat_matrix, reranked_recall  # noqa: E402
+from msa.retrieval import (  # noqa: E402
+    Index,
+    build_index,
+    mscmat_matrix,
+    rerank_similarities,
+    reranked_recall,
+    resolve_model,
+)
 
 KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
 
@@ -73,44 +83,58 @@ def held_out_data(model, work: Path, args: argparse.Namespace) -> str:
     return make_shards(work, args.images, args.image_size, args.difficulty, args.seed + 1)
 
 
+class _OutOfTime(Exception):
+    """Raised by ``_TimeLimit`` after an epoch's checkpoint is written, to end ``fit`` early."""
+
+
+class _TimeLimit:
+    """An ``msa.engine`` epoch sink: ``LocalCheckpoints``, plus a stop after the epoch that passes
+    ``max_minutes`` of training (``fit`` has no time budget of its own, so the sink ends the run)."""
+
+    def __init__(self, checkpoints, max_minutes: float | None, epochs: int):
+        self.checkpoints, self.max_minutes, self.epochs = checkpoints, max_minutes, epochs
+        self.started = time.perf_counter()
+
+    def resume_state(self, device: torch.device):
+        return self.checkpoints.resume_state(device)
+
+    def end_epoch(self, metrics: dict[str, float], write_checkpoint) -> None:
+        self.checkpoints.end_epoch(metrics, write_checkpoint)  # the epoch is saved before any stop
+        done, elapsed = int(metrics["epoch"]) + 1, time.perf_counter() - self.started
+        if self.max_minutes and elapsed > 60 * self.max_minutes and done < self.epochs:
+            raise _OutOfTime(f"stopping after epoch {done}: over --max-minutes {self.max_minutes:g}")
+
+
 def train(data_uri: str, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
-    """The small preset, single process: msa.data.PairBatches + msa.train.train_epoch."""
+    """The small preset, single process (no data-loader workers): ``msa.engine.fit`` on
+    ``plan_splits(manifest, cfg.train.val_fraction)`` with epoch checkpoints in ``out``.
+
+    Returns the checkpoint with the best validation mR and the training seconds. Training starts
+    fresh: epoch checkpoints an earlier run left in ``out`` are removed first (else fit would resume).
+    """
+    import shutil
+
     from msa.config import resolve_config
-    from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
-    from msa.encoders import build_tokenizer
-    from msa.model import MSAModel
-    from msa.train import build_optimizer, save_checkpoint, seed_everything, train_epoch
+    from msa.data import plan_splits
+    from msa.engine import LocalCheckpoints, fit
     from shards.manifest import read_manifest
 
-    cfg = resolve_config("small", [f"train.epochs={args.epochs}", *args.set])
+    cfg = resolve_config("small", [f"train.epochs={args.epochs}", "train.loader_workers=0", *args.set])
     manifest = read_manifest(data_uri)
-    seed_everything(cfg.train.seed)
-    model = MSAModel(cfg)
-    optimizer = build_optimizer(model, cfg.optim)
-    dataset = PairBatches(
-        manifest.shard_urls("train"),
-        transform=ImageTransform(cfg.image.size),
-        tokenizer=build_tokenizer(cfg.text.tokenizer or cfg.text.model),
-        max_tokens=cfg.text.max_tokens,
-        batch_size=cfg.train.batch_size,
-        steps_per_epoch=steps_per_epoch(manifest.splits["train"].captions, cfg.train.batch_size, 1),
-        seed=cfg.train.seed,
-    )
-    started, history = time.perf_counter(), []
-    for epoch in range(cfg.train.epochs):
-        dataset.set_epoch(epoch)
-        stats = train_epoch(model, pair_loader(dataset, 0), optimizer, cfg, torch.device("cpu"))
-        elapsed = time.perf_counter() - started
-        history.append({"epoch": epoch, **stats.as_metrics()})
-        print(f"  epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.loss:.2f} (tri {stats.triplet:.2f} "
-              f"align {stats.align:.3f} cons {stats.cons:.4f}), {stats.steps} steps, {elapsed:.0f} s", flush=True)
-        if args.max_minutes and elapsed > 60 * args.max_minutes and epoch + 1 < cfg.train.epochs:
-            print(f"  stopping after epoch {epoch + 1}: over --max-minutes {args.max_minutes}", flush=True)
-            break
+    plan = plan_splits(manifest, cfg.train.val_fraction)
+    for stale in out.glob("epoch-*"):
+        shutil.rmtree(stale)
+    checkpoints = LocalCheckpoints(out, keep=1)
+    started = time.perf_counter()
+    try:
+        fit(cfg, plan, sink=_TimeLimit(checkpoints, args.max_minutes, cfg.train.epochs),
+            dataset_digest=manifest.digest, device="cpu")
+    except _OutOfTime as stop:
+        print(f"  {stop}", flush=True)
     seconds = time.perf_counter() - started
-    save_checkpoint(out, model=model, optimizer=None, epoch=epoch, cfg=cfg, dataset_digest=manifest.digest,
-                    metrics={"train_seconds": seconds}, history=history)
-    return out, seconds
+    best, metrics = checkpoints.best()
+    print(f"  best epoch {int(metrics['epoch']) + 1} by val mR ({metrics['val_mR']:.2f}): {best}", flush=True)
+    return best, seconds
 
 
 def split_scores(index: Index, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="synthetic image size in px (default 64)")
     parser.add_argument("--difficulty", default="easy", help="synthetic corpus difficulty (default easy)")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
-    parser.add_argument("--max-minutes", type=float, default=5.0, help="stop training after the epoch that passes this")
+    parser.add_argument("--max-minutes", type=float, default=5.0,
+                        help="stop training after the epoch that passes this many minutes (0: no limit); the best "
+                        "epoch so far by val mR is used")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--tops", default="10,20", help="re-rank depths R (default 10,20)")
     parser.add_argument("--lambdas", default="0.25,0.5,1,2,4,8", help="blend weights tried on val")
@@ -198,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = None
         if args.checkpoint:
             checkpoint = Path(args.checkpoint)
-            model = load_model(checkpoint, device="cpu")
+            model = resolve_model(checkpoint, device="cpu")
             data_uri = args.data or held_out_data(model, work, args)
         else:
             data_uri = args.data or make_shards(work, args.images, args.image_size, args.difficulty, args.seed)
             print("training the small preset in-process (1 process, no Ray):", flush=True)
-            checkpoint, train_seconds = train(data_uri, work / "checkpoint", args)
+            checkpoint, train_seconds = train(data_uri, work / "checkpoints", args)
             print(f"trained in {train_seconds:.0f} s on {torch.get_num_threads()} thread(s)", flush=True)
-            model = load_model(checkpoint, device="cpu")
+            model = resolve_model(checkpoint, device="cpu")
         from shards.manifest import read_manifest
 
         splits = read_manifest(data_uri).splits
@@ -239,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
             rows["chance"] = chance_recall(ci, n_images=n_img)
             results[split] = rows
             print_table(rows, f"{split} split: {n_img} images, {n_cap} captions (recall %, mR ratio vs cosine)")
-
-        from msa.retrieval import rerank_similarities
 
         test = results["test"]
         sims, ms, ci = scores["test"]

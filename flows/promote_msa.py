@@ -4,9 +4,8 @@ The candidate (default: the newest version of ``msa-retrieval``) and the current
 evaluated on the same test shards (the candidate's dataset digest, re-verified); the alias moves
 only when the candidate's mR beats the champion's by at least ``margin`` points, or when there is
 no champion yet. The decision, both figures and the digest are tagged on the candidate version and
-logged as an MLflow run (``msa.kind=promotion``). Concurrent promotions are serialised at the
-commit by a registry mutex with a re-check of the champion (see msa.registry); the deployment also
-runs one flow run at a time (``concurrency_limit: 1`` in prefect.yaml).
+logged as an MLflow run (``msa.kind=promotion``). How concurrent promotions are serialised: see
+msa.runtime.registry; the deployment also runs one flow run at a time (prefect.yaml).
 """
 
 from __future__ import annotations
@@ -15,31 +14,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from msa import registry
-from msa.tracking import REGISTERED_MODEL
-from shards.storage import endpoint_options
+from msa.runtime import registry
+from msa.runtime.spec import RunSpec
+from msa.runtime.tracking import REGISTERED_MODEL
 
 
 @task(name="evaluate-and-promote")
-def promote_task(
-    candidate_version: str | None,
-    data_uri: str | None,
-    digest: str | None,
-    margin: float,
-    model_name: str,
-    mlflow_uri: str | None,
-    endpoint_url: str | None,
-) -> dict[str, Any]:
-    decision = registry.promote(
-        candidate_version,
-        data_uri=data_uri,
-        digest=digest,
-        margin=margin,
-        model_name=model_name,
-        mlflow_uri=mlflow_uri,
-        storage_options=endpoint_options(endpoint_url),
-    )
-    return decision.to_dict()
+def promote(candidate_version: str | None, data_uri: str | None, digest: str | None, margin: float,
+            model_name: str, spec: RunSpec) -> dict[str, Any]:
+    return registry.promote(candidate_version, data_uri=data_uri, digest=digest, margin=margin,
+                            model_name=model_name, mlflow_uri=spec.mlflow_uri,
+                            storage_options=spec.storage_options).to_dict()
 
 
 @flow(name="promote-msa", log_prints=True)
@@ -58,15 +43,9 @@ def promote_msa(
     ``digest`` to the candidate's ``dataset_digest`` tag; the shards found must have that digest.
     ``margin`` is in mR points (percent). Returns the decision with both figures.
     """
-    result = promote_task(
-        None if candidate_version in (None, "") else str(candidate_version),
-        data_uri,
-        digest,
-        float(margin),
-        model_name,
-        mlflow_uri,
-        endpoint_url,
-    )
+    spec = RunSpec(mlflow_uri=mlflow_uri, endpoint_url=endpoint_url)
+    result = promote(None if candidate_version in (None, "") else str(candidate_version), data_uri, digest,
+                     float(margin), model_name, spec)
     champion = "none" if result["champion_mR"] is None else f"{result['champion_mR']:.2f}"
     get_run_logger().info(
         "%s v%s: %s (candidate mR %.2f, champion v%s mR %s, digest %s)",

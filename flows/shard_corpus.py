@@ -5,9 +5,7 @@ tasks exchange plain strings. The write task is retried (twice) only for transie
 (:class:`shards.storage.TransientStorageError`); input errors and other storage errors fail at once.
 A retry is cheap: ``write_shards`` is idempotent and an interrupted write leaves no manifest.
 
-Run it directly::
-
-    python flows/shard_corpus.py ANNOTATIONS IMAGES OUT [--corpus NAME]
+``msa shard`` runs the same writer and verification from the command line.
 
 Set ``PREFECT_LOGGING_EXTRA_LOGGERS=shards`` to see the shard writer's warnings in the run logs.
 """
@@ -77,21 +75,3 @@ def shard_corpus(annotations: str, images: str, out: str, corpus: str | None = N
     uri = write_shards_task(annotations, images, out, corpus, on_error, shard_size, resize, workers, endpoint_url)
     return verify_shards_task(uri, endpoint_url)
 
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="Run the shard-corpus flow locally.")
-    ap.add_argument("annotations", help="annotation file (Karpathy JSON, JSONL, CSV)")
-    ap.add_argument("images", help="image folder")
-    ap.add_argument("out", help="output directory or s3://bucket/prefix")
-    ap.add_argument("--corpus", help="corpus name (default: detected)")
-    ap.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad samples: fail or quarantine")
-    ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    ap.add_argument("--resize", type=int, help="re-encode to this shorter side in px")
-    ap.add_argument("--workers", type=int, default=1, help="image-checking processes")
-    ap.add_argument("--endpoint-url", help="S3 endpoint URL")
-    a = ap.parse_args()
-    print(json.dumps(shard_corpus(a.annotations, a.images, a.out, a.corpus, a.on_error, a.shard_size, a.resize,
-                                  a.workers, a.endpoint_url), indent=1))

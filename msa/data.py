@@ -199,3 +199,33 @@ def pair_loader(dataset: PairBatches, num_workers: int, pin_memory: bool = False
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
     )
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Shard URLs for training and validation; validation is carved from train when a corpus has none."""
+
+    train_urls: list[str]
+    val_urls: list[str]
+    train_pairs: int
+    carved_fraction: float | None = None
+
+    def train_filter(self) -> Callable[[str], bool] | None:
+        fraction = self.carved_fraction
+        return None if fraction is None else (lambda key: not is_carved_validation(key, fraction))
+
+    def val_filter(self) -> Callable[[str], bool] | None:
+        fraction = self.carved_fraction
+        return None if fraction is None else (lambda key: is_carved_validation(key, fraction))
+
+
+def plan_splits(manifest, val_fraction: float) -> SplitPlan:
+    """The plan for a shard manifest (anything with ``digest``, ``splits`` and ``shard_urls(split)``)."""
+    train = manifest.splits.get("train")
+    if train is None or train.images == 0:
+        raise ValueError(f"shard set {manifest.digest[:16]} has no train split")
+    val = manifest.splits.get("val")
+    if val is not None and val.images > 0:
+        return SplitPlan(manifest.shard_urls("train"), manifest.shard_urls("val"), train.captions)
+    pairs = int(train.captions * (1.0 - val_fraction))
+    return SplitPlan(manifest.shard_urls("train"), manifest.shard_urls("train"), pairs, val_fraction)

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -32,6 +33,9 @@ from .pretrained import (
     efficientnet_lite0_state_dict,
     minilm_path,
 )
+
+if TYPE_CHECKING:
+    from msa.config import MSAConfig
 
 __all__ = ["ImageEncoder", "TextEncoder", "build_tokenizer", "tokenize", "LITE0_PACKAGE_WEIGHTS"]
 
@@ -284,8 +288,11 @@ class TextEncoder(nn.Module):
         return hidden[:, 0], hidden[:, 1:]
 
 
-def build_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """A fast tokenizer from a hub name, a local directory or "packaged:all-minilm-l6-v2"."""
+def build_tokenizer(source: "str | MSAConfig") -> PreTrainedTokenizerBase:
+    """A fast tokenizer from a resolved config (its ``text.tokenizer``, else ``text.model``), a hub name,
+    a local directory or "packaged:all-minilm-l6-v2"."""
+    if not isinstance(source, str):
+        source = source.text.tokenizer or source.text.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(_text_source(source))
     except OSError as e:

@@ -1,16 +1,22 @@
 """MSA training losses (spec section 3), with the reference's directions and reductions as defaults.
 
 L = L_tri + w_align * sum_k L_align,k + w_cons * sum_{k<K} L_cons,k. Each improved variant is a named
-option that defaults to the paper behaviour.
+option that defaults to the paper behaviour. ``compute_loss`` composes the objective from the config:
+adding a term means a function here, an entry in ``compute_loss`` and its weight in ``LossConfig``;
+the engine logs and prints every entry of the returned dict by name.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from msa.config import LossConfig
+    from msa.model import MSAOutput
 
 
 def _off_diagonal(mask: Tensor) -> Tensor:
@@ -153,3 +159,25 @@ def msa_loss(
         cons = cons + consistency_loss(S[-1], s, cons_temperature, positive_mask=positives)
     total = triplet + w_align * align + w_cons * cons
     return {"total": total, "triplet": triplet, "align": align, "cons": cons}
+
+
+def compute_loss(out: "MSAOutput", cfg: "LossConfig", image_ids: Tensor | None = None) -> dict[str, Tensor]:
+    """The objective ``cfg`` describes, from a forward pass: ``total`` plus one unweighted entry per term.
+
+    Scores and embeddings are cast to float32 first (autocast may have produced bf16). ``image_ids``
+    is used only when ``cfg.mask_same_image`` is on.
+    """
+    return msa_loss(
+        out.scores.float(),
+        out.image_emb.float(),
+        out.text_emb.float(),
+        w_align=cfg.w_align,
+        w_cons=cfg.w_cons,
+        margin=cfg.margin,
+        cons_temperature=cfg.cons_temperature,
+        align_temperature=cfg.align_temperature,
+        align_both_directions=cfg.align_both_directions,
+        image_ids=image_ids if cfg.mask_same_image else None,
+        triplet_reduction=cfg.triplet_reduction,
+        triplet_negatives=cfg.triplet_negatives,
+    )

@@ -16,6 +16,9 @@ from torch import Tensor
 if TYPE_CHECKING:
     import numpy as np
 
+# The names every run, model version and table reports (MLflow metric names: no '@').
+RECALL_KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
+
 
 def _summary(i2t_hits: dict[int, float], t2i_hits: dict[int, float]) -> dict[str, float]:
     out = {f"i2t_R{k}": v for k, v in i2t_hits.items()} | {f"t2i_R{k}": v for k, v in t2i_hits.items()}

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msa.config import LossConfig, MSAConfig
+from msa.config import MSAConfig
 from msa.encoders import ImageEncoder, TextEncoder
-from msa.losses import msa_loss
 from msa.mscmat import MSCMAT
 
 
@@ -54,20 +53,3 @@ class MSAModel(nn.Module):
         scores = self.mscmat(scale_feats, tokens, text_emb, key_padding_mask=padding)
         return MSAOutput(image_emb, text_emb, scores)
 
-
-def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The weighted MSA objective; ``image_ids`` is used only when same-image masking is on."""
-    return msa_loss(
-        out.scores.float(),
-        out.image_emb.float(),
-        out.text_emb.float(),
-        w_align=cfg.w_align,
-        w_cons=cfg.w_cons,
-        margin=cfg.margin,
-        cons_temperature=cfg.cons_temperature,
-        align_temperature=cfg.align_temperature,
-        align_both_directions=cfg.align_both_directions,
-        image_ids=image_ids if cfg.mask_same_image else None,
-        triplet_reduction=cfg.triplet_reduction,
-        triplet_negatives=cfg.triplet_negatives,
-    )

@@ -8,7 +8,7 @@ Session-scoped unless noted; each starts only when a test asks for it:
   so tests use their own registered-model names or assert on what they created.
 - ``tiny_corpus`` / ``tiny_shards``: a 48/16/16-image synthetic corpus (32 px) and its shards
   (written once with ``shards.writer.write_shards``); ``tiny_shards`` yields the shard set's path.
-- ``ray_cluster`` (per test): a local Ray cluster for tests that train (msa.tune.ensure_ray), shut down at
+- ``ray_cluster`` (per test): a local Ray cluster for tests that train (msa.runtime.ray_train.ensure_ray), shut down at
   session end; ``tiny_overrides``: config overrides for tiny runs.
 - ``fast_model_logging`` (per module): skips MLflow's slow pip-requirement inference when logging models.
 - ``prefect_stack``: ``infra.stack.up`` in a temporary state directory with free ports (Prefect
@@ -176,9 +176,9 @@ def _ray_session():
 @pytest.fixture
 def ray_cluster(_ray_session):
     """A local Ray cluster (started once, re-started if another test shut it down) whose workers
-    know its address (msa.tune.ensure_ray), so Ray Train's placement-group cleaner works even when
+    know its address (msa.runtime.ray_train.ensure_ray), so Ray Train's placement-group cleaner works even when
     other Ray instances run on the machine."""
-    from msa.tune import ensure_ray
+    from msa.runtime.ray_train import ensure_ray
 
     ensure_ray(None)
     yield

@@ -15,8 +15,9 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from msa.config import resolve_config
-from msa.driver import TrainJob, run_training
-from msa.pipeline import train
+from msa.runtime.ray_train import TrainJob, run_training
+from msa.runtime.pipeline import train
+from msa.runtime.spec import RunSpec
 from shards.manifest import read_manifest
 from shards.synth import generate_corpus
 from shards.writer import write_shards
@@ -57,10 +58,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(shard_set, tmp_path,
         data_uri=shard_set,
         config=cfg.to_dict(),
         run_name="kill-test",
-        storage_path=str(storage),
         dataset_digest=read_manifest(shard_set).digest,
-        num_workers=2,
-        max_failures=1,
+        run=RunSpec(workers=2, max_failures=1, storage_path=str(storage)).model_dump(),
     )
     killed: list[tuple[int, float]] = []
 
@@ -103,12 +102,10 @@ def test_two_node_cluster_splits_shards_and_logs_once(shard_set, tmp_path, fresh
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         trained = train(
             cfg,
+            RunSpec(workers=2, storage_path=str(tmp_path / "ray"), mlflow_uri=uri),
             data_uri=shard_set,
             dataset_digest=read_manifest(shard_set).digest,
             run_name="two-nodes",
-            storage_path=str(tmp_path / "ray"),
-            num_workers=2,
-            mlflow_uri=uri,
         )
         output = capfd.readouterr()
         lines = re.findall(r"\[msa\] rank (\d) of 2 on node (\w+) reads shards (\S+)", output.out)

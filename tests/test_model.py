@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from msa.config import resolve_config
-from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
+from msa.data import ImageTransform, plan_splits
 from msa.encoders import build_tokenizer, tokenize
 from msa.evaluate import embed_split, evaluate_recall
-from msa.model import MSAModel, compute_loss
-from msa.train import build_optimizer, load_checkpoint, model_from_checkpoint, save_checkpoint, train_epoch
+from msa.losses import compute_loss
+from msa.model import MSAModel
+from msa.checkpoint import load_checkpoint, model_from_checkpoint
+from msa.engine import LocalCheckpoints, fit
 from shards.manifest import read_manifest
 from shards.synth import generate_corpus
 from shards.writer import write_shards
@@ -52,30 +54,36 @@ def tiny_corpus(tmp_path_factory) -> str:
     return str(root / "shards")
 
 
-def test_short_training_run_lowers_the_loss_and_raises_recall(tiny_corpus, tmp_path):
-    torch.manual_seed(0)
-    cfg = resolve_config("small", ["image.size=32", "train.batch_size=16", "optim.lr=1e-3"])
-    urls = read_manifest(tiny_corpus).shard_urls("train")
-    tokenizer = build_tokenizer(cfg.text.model)
-    transform = ImageTransform(cfg.image.size)
-    model = MSAModel(cfg)
-    optimizer = build_optimizer(model, cfg.optim)
-    batches = PairBatches(
-        urls, transform=transform, tokenizer=tokenizer, max_tokens=31, batch_size=16,
-        steps_per_epoch=steps_per_epoch(48 * 5, 16, 1),
-    )
+def test_fit_learns_keeps_the_best_checkpoints_and_resumes(tiny_corpus, tmp_path):
+    """The in-process engine, no Ray: loss falls, recall rises, best checkpoints kept, a second call resumes."""
+    cfg = resolve_config("small", ["image.size=32", "train.batch_size=16", "optim.lr=1e-3", "train.epochs=4",
+                                   "train.loader_workers=0", "train.keep_checkpoints=1"])
+    manifest = read_manifest(tiny_corpus)
+    plan = plan_splits(manifest, cfg.train.val_fraction)
+    urls = manifest.shard_urls("train")
+    tokenizer, transform = build_tokenizer(cfg), ImageTransform(cfg.image.size)
+    torch.manual_seed(cfg.train.seed)
+    before = recall_of(MSAModel(cfg), urls, transform, tokenizer)  # fit seeds the same init
 
-    before = recall_of(model, urls, transform, tokenizer)
-    losses = []
-    for epoch in range(4):
-        batches.set_epoch(epoch)
-        losses.append(train_epoch(model, pair_loader(batches, 0), optimizer, cfg, torch.device("cpu")).loss)
-    after = recall_of(model, urls, transform, tokenizer)
+    sink = LocalCheckpoints(tmp_path / "ckpt", keep=cfg.train.keep_checkpoints)
+    lines: list[str] = []
+    result = fit(cfg, plan, sink=sink, dataset_digest=manifest.digest, log=lines.append)
+    losses = [h["train_loss"] for h in result.history]
+    assert [int(h["epoch"]) for h in result.history] == [0, 1, 2, 3]
     assert losses[-1] < 0.8 * losses[0], losses
+    assert {"train_triplet", "train_align", "train_cons"} <= set(result.history[0])  # every named loss term
+    best_dir, best = sink.best()
+    assert best["val_mR"] == max(h["val_mR"] for h in result.history) == result.best["val_mR"]
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("epoch-*"))
+    assert kept == sorted({best_dir.name, "epoch-0003"})  # the best, plus the newest to resume from
+
+    restored, restored_cfg = model_from_checkpoint(load_checkpoint(best_dir))
+    assert restored_cfg == cfg
+    after = recall_of(restored, urls, transform, tokenizer)
     assert after > before + 10, (before, after)
 
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer, epoch=3, cfg=cfg, dataset_digest="d" * 64,
-                    metrics={"mR": after}, history=[])
-    restored, restored_cfg = model_from_checkpoint(load_checkpoint(tmp_path))
-    assert restored_cfg == cfg
-    assert recall_of(restored, urls, transform, tokenizer) == pytest.approx(after)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 5})})
+    resumed = fit(longer, plan, sink=sink, dataset_digest=manifest.digest, log=lines.append)
+    assert "[msa] resumed from epoch 3 checkpoint" in lines
+    assert [int(h["epoch"]) for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert resumed.history[:4] == result.history

@@ -21,9 +21,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main as msa_main
-from msa import registry, tracking
+from msa.runtime import registry, tracking
 from msa.config import MSAConfig, resolve_config
-from msa.tracking import CHAMPION, DIGEST_TAG
+from msa.runtime.tracking import CHAMPION, DIGEST_TAG
 from shards.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,8 @@ def _checkpoint(out: Path, shards: str, overrides: dict, *, epochs: int, seed: i
     from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
     from msa.encoders import build_tokenizer
     from msa.model import MSAModel
-    from msa.train import build_optimizer, save_checkpoint, seed_everything, train_epoch
+    from msa.checkpoint import save_checkpoint
+    from msa.engine import build_optimizer, seed_everything, train_epoch
 
     cfg = resolve_config("small", {**overrides, "optim.lr": 2e-3})
     manifest = read_manifest(shards)
@@ -62,8 +63,8 @@ def _checkpoint(out: Path, shards: str, overrides: dict, *, epochs: int, seed: i
 def _log_model(checkpoint: Path, shards: str, name: str) -> str:
     """A training-style run (data_uri, digest tags) holding the pyfunc model; returns its model URI."""
     from msa.encoders import build_tokenizer
-    from msa.serving import log_pyfunc_model
-    from msa.train import load_checkpoint
+    from msa.runtime.serving import log_pyfunc_model
+    from msa.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     cfg = MSAConfig.from_dict(state["config"])
@@ -128,7 +129,7 @@ def test_first_better_worse_margin_and_digest(
     assert better.champion_mR == pytest.approx(first.candidate_mR)  # the same model on the same shards
     assert _champion(client, name) == strong
 
-    # Worse: kept, and the champion does not move (through `msa promote`, no Prefect; exit 3 = not promoted).
+    # Worse: kept, and the champion does not move (through `msa promote`; exit 3 = not promoted).
     argv = ["promote", "--candidate", worse, "--model-name", name, "--mlflow-uri", mlflow_server,
             "--exit-code", "--json"]
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))  # the CLI defaults it under .msa/

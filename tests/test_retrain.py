@@ -11,9 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main as msa_main
-from flows.retrain_msa import decide, retrain_msa
-from msa import registry
-from msa.tracking import REGISTERED_MODEL
+from flows.retrain_msa import retrain_msa
+from msa.runtime import registry
+from msa.runtime.retrain import decide
+from msa.runtime.spec import RunSpec
+from msa.runtime.tracking import REGISTERED_MODEL
 from shards.manifest import read_manifest
 from shards.synth import generate_corpus
 
@@ -63,7 +65,7 @@ def test_retrain_trains_once_then_noop_until_corpus_changes(
     assert "unchanged" in second["reason"] and run.info.run_id in second["reason"]
     assert len(_versions(client)) == before + 1 and len(_retrain_runs(client, data_uri)) == 1
 
-    # The same without Prefect (`msa retrain`): still a no-op.
+    # The same through the command line (`msa retrain`): still a no-op.
     argv = ["retrain", str(annotations), "--images", str(corpus / "images"), "--out", data_uri,
             "--corpus", "synth", "--mlflow-uri", mlflow_server, "--json"]
     monkeypatch.setenv("PREFECT_HOME", prefect_stack["PREFECT_HOME"])  # the CLI defaults it under .msa/
@@ -73,8 +75,9 @@ def test_retrain_trains_once_then_noop_until_corpus_changes(
     assert len(_versions(client)) == before + 1
 
     # force=True would train even so (the decision; a forced run trains like step 1).
-    assert decide(data_uri, second["source_digest"], True, mlflow_server)["train"] is True
-    assert decide(data_uri, second["source_digest"], False, mlflow_server)["train"] is False
+    spec = RunSpec(mlflow_uri=mlflow_server)
+    assert decide(data_uri, second["source_digest"], True, spec)["train"] is True
+    assert decide(data_uri, second["source_digest"], False, spec)["train"] is False
 
     # 3. The corpus changes (one caption edited): re-sharded, trained, registered again.
     data = json.loads(Path(annotations).read_text())

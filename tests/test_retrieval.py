@@ -1,11 +1,15 @@
-"""msa.retrieval: index building, cosine search, MSCMAT re-ranking, recall protocol, errors, CLI."""
+"""msa.retrieval: index building, cosine search, MSCMAT re-ranking, recall protocol, errors; the
+``msa index`` / ``msa search`` commands of flows.cli_retrieval."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from msa.data import iterate_samples  # noqa: E402
 from msa.encoders import tokenize  # noqa: E402
 from msa.metrics import recall_at_k  # noqa: E402
 from msa.model import MSAModel  # noqa: E402
-from msa.train import save_checkpoint  # noqa: E402
+from msa.checkpoint import save_checkpoint  # noqa: E402
 
 N_IMAGES = 16
 SIZE = 32
@@ -55,7 +59,7 @@ def world(tmp_path_factory):
     manifest = write_shards(ann, root / "corpus" / "images", str(root / "shards"), progress=False)
     checkpoint = _checkpoint(root / "checkpoint", seed=0)
     index_dir = R.build_index(str(checkpoint), str(root / "shards"), root / "index", batch_size=8)
-    model = R.load_model(checkpoint, device="cpu")
+    model = R.resolve_model(checkpoint, device="cpu")
     samples = list(iterate_samples(manifest.shard_urls("test")))
     with torch.no_grad():
         pixels = torch.stack([model.transform(s.image) for s in samples])
@@ -77,14 +81,14 @@ def world(tmp_path_factory):
     }
 
 
-def _text(model: R.RetrievalModel, captions: list[str]):
+def _text(model: R.ResolvedModel, captions: list[str]):
     ids, mask = tokenize(model.tokenizer, captions, model.cfg.text.max_tokens)
     with torch.no_grad():
         cls, tokens = model.model.encode_text(ids, mask)
     return cls, tokens
 
 
-def _direct_mscmat(model: R.RetrievalModel, scales, tokens, cls) -> torch.Tensor:
+def _direct_mscmat(model: R.ResolvedModel, scales, tokens, cls) -> torch.Tensor:
     with torch.no_grad():
         return model.model.mscmat(scales, tokens, cls).mean(0)
 
@@ -145,7 +149,7 @@ def test_rebuild_replaces_atomically_and_refuses_foreign_directories(world, tmp_
             raise OSError("disk full")
         real_save(path, array)
 
-    monkeypatch.setattr(R.np, "save", failing_save)
+    monkeypatch.setattr(np, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         R.build_index(world["model"], world["shards"], out)
     monkeypatch.undo()
@@ -339,24 +343,32 @@ def test_missing_index_directory(tmp_path):
 
 def test_dimension_and_model_mismatch_are_reported(world, tmp_path):
     index = world["index"]
-    wide = R.load_model(_checkpoint(tmp_path / "wide", seed=0, overrides=["text.config_overrides={num_hidden_layers: 2, "
+    wide = R.resolve_model(_checkpoint(tmp_path / "wide", seed=0, overrides=["text.config_overrides={num_hidden_layers: 2, "
                                                                          "hidden_size: 64, num_attention_heads: 2, "
                                                                          "intermediate_size: 128}"]), device="cpu")
     with pytest.raises(R.ModelIndexMismatch, match="dimension mismatch.*D=64.*D=128"):
         R.search_text(index, wide, "fields")
-    other = R.load_model(_checkpoint(tmp_path / "other", seed=1), device="cpu")
+    other = R.resolve_model(_checkpoint(tmp_path / "other", seed=1), device="cpu")
     with pytest.raises(R.ModelIndexMismatch, match="not the model index"):
         R.search_image(index, other, world["image_file"])
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
-        R.load_model(tmp_path / "absent")
+        R.resolve_model(tmp_path / "absent")
 
 
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_search_prints_a_ranked_table(world, capsys):
-    from flows.cli import main
+def main(argv: list[str]) -> int:
+    """``msa`` with just the retrieval commands, dispatched as flows.cli.main does."""
+    from flows import cli_retrieval
 
+    parser = argparse.ArgumentParser(prog="msa")
+    cli_retrieval.register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+def test_cli_search_prints_a_ranked_table(world, capsys):
     index = world["index"]
     query = index.captions[20]
     assert main(["search", str(world["index_dir"]), "--text", query, "--k", "4"]) == 0
@@ -384,7 +396,7 @@ def test_cli_search_prints_a_ranked_table(world, capsys):
 
 
 def test_cli_index_and_errors(world, tmp_path, capsys):
-    from flows.cli import main
+    from flows.cli_retrieval import EXIT_BAD_INPUT
 
     out = tmp_path / "cli-index"
     assert main(["index", "--model", str(world["checkpoint"]), "--data", world["shards"], "--out", str(out)]) == 0
@@ -393,23 +405,87 @@ def test_cli_index_and_errors(world, tmp_path, capsys):
     assert R.Index.load(out).meta["data"]["split"] == "test"
 
     (out / R.CAPTIONS_FILE).unlink()
-    assert main(["search", str(out), "--text", "fields"]) == 1
-    assert str(out / R.CAPTIONS_FILE) in capsys.readouterr().err
+    assert main(["search", str(out), "--text", "fields"]) == EXIT_BAD_INPUT == 2
+    err = capsys.readouterr().err
+    assert str(out / R.CAPTIONS_FILE) in err
+    assert err.startswith("msa search: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_index_json_is_the_only_stdout(world, tmp_path, capsys):
+    out = tmp_path / "json-index"
+    assert main(["index", "--model", str(world["checkpoint"]), "--data", world["shards"], "--out", str(out),
+                 "--batch-size", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)  # nothing but the JSON object on stdout
+    meta = R.Index.load(out).meta
+    assert payload == {
+        "path": str(out), "images": N_IMAGES, "captions": world["manifest"].splits["test"].captions, "dim": 128,
+        "split": "test", "uri": world["shards"], "dataset_digest": world["manifest"].digest,
+        "model": str(world["checkpoint"]), "registry_version": None, "build_seconds": meta["build_seconds"],
+    }
+    assert f"Index {out}" in captured.err and f"{N_IMAGES} images" in captured.err
+
+
+def test_cli_bad_input_exits_2_with_one_line(world, tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    cases = [
+        (["index", "--model", str(world["checkpoint"]), "--data", world["shards"], "--out", str(foreign), "--json"],
+         "msa index: error: ", "not an msa index"),
+        (["index", "--model", str(tmp_path / "absent"), "--data", world["shards"], "--out", str(tmp_path / "i")],
+         "msa index: error: ", "no such checkpoint directory"),
+        (["index", "--model", str(world["checkpoint"]), "--data", world["shards"], "--out", str(tmp_path / "v"),
+          "--split", "val"], "msa index: error: ", "no 'val' split"),
+        (["search", str(tmp_path / "nothing"), "--text", "fields"], "msa search: error: ", "no such index directory"),
+        (["search", str(world["index_dir"]), "--text", "  "], "msa search: error: ", "empty"),
+        (["search", str(world["index_dir"]), "--image", str(tmp_path / "no-such.jpg")], "msa search: error: ",
+         "no-such.jpg"),
+    ]
+    for argv, prefix, reason in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(prefix) and reason in captured.err, captured.err
+        assert len(captured.err.strip().splitlines()) == 1
+    assert (foreign / "holiday.jpg").exists()
+    for argv in (["search", str(world["index_dir"]), "--text", "x", "--k", "0"],
+                 ["index", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert f"msa {argv[0]}: error: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["search", "index"])
 def test_cli_help_explains_every_option(command, capsys):
-    from flows.cli import main
-
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     options = {"search": ["--text", "--image", "--k", "--rerank", "--rerank-mode", "--rerank-weight", "--model",
                           "--json", "INDEX"],
-               "index": ["--model", "--data", "--out", "--split", "--batch-size", "--endpoint-url"]}[command]
+               "index": ["--model", "--data", "--out", "--split", "--batch-size", "--endpoint-url", "--json"]}[command]
     for option in options:
         assert option in text
+
+
+def test_cli_parser_imports_no_heavy_modules():
+    code = ("import sys, argparse; import flows.cli_retrieval as c; p = argparse.ArgumentParser(); "
+            "c.register(p.add_subparsers()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'mlflow') "
+            "or m in ('msa.retrieval.index', 'msa.retrieval.search', 'msa.runtime.resolver')))")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_rerank_constants_have_one_definition():
+    from msa.retrieval import constants, search
+
+    assert search.RERANK_MODES is constants.RERANK_MODES == R.RERANK_MODES == ("blend", "mscmat")
+    assert search.DEFAULT_RERANK_MODE is constants.DEFAULT_RERANK_MODE
+    assert search.DEFAULT_RERANK_WEIGHT is constants.DEFAULT_RERANK_WEIGHT
 
 
 # ------------------------------------------------------------------------------------------ MLflow
@@ -420,10 +496,10 @@ def test_mlflow_registry_uri_is_resolved_and_pinned(world, tmp_path, monkeypatch
     from mlflow.tracking import MlflowClient
 
     from msa.encoders import build_tokenizer
-    from msa.serving import log_pyfunc_model
+    from msa.runtime.serving import log_pyfunc_model
 
     # Explicit requirements skip MLflow's requirement inference, a subprocess that re-imports the model
-    # (minutes on two busy cores); what is logged is otherwise msa.serving's model, unchanged.
+    # (minutes on two busy cores); what is logged is otherwise msa.runtime.serving's model, unchanged.
     monkeypatch.setattr(mlflow.pyfunc, "log_model", functools.partial(mlflow.pyfunc.log_model, pip_requirements=["torch"]))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
@@ -436,7 +512,7 @@ def test_mlflow_registry_uri_is_resolved_and_pinned(world, tmp_path, monkeypatch
     version = mlflow.register_model(uri, "msa-retrieval").version
     MlflowClient().set_registered_model_alias("msa-retrieval", "champion", version)
 
-    model = R.load_model("models:/msa-retrieval@champion", device="cpu")
+    model = R.resolve_model("models:/msa-retrieval@champion", device="cpu")
     assert model.resolved == f"models:/msa-retrieval/{version}"
     assert model.registry["version"] == str(version) and model.registry["alias"] == "champion"
     out = R.build_index(model, world["shards"], tmp_path / "mlflow-index")
@@ -449,4 +525,4 @@ def test_mlflow_registry_uri_is_resolved_and_pinned(world, tmp_path, monkeypatch
         h.image_key for h in R.search_text(world["index"], world["model"], query, k=5)
     ]
     with pytest.raises(FileNotFoundError, match="msa-retrieval@nobody"):
-        R.load_model("models:/msa-retrieval@nobody")
+        R.resolve_model("models:/msa-retrieval@nobody")

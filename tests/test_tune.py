@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from msa.tracking import DIGEST_TAG, REGISTERED_MODEL
-from msa.tune import DEFAULT_SPACE, METRIC, TuneJob, _search_alg, to_tune_space, validate_space
+from msa.runtime.tracking import DIGEST_TAG, REGISTERED_MODEL
+from msa.runtime.tune import DEFAULT_SPACE, METRIC, TuneJob, _search_alg, to_tune_space, validate_space
 from shards.manifest import read_manifest
 
 SPACE = {
@@ -50,7 +50,7 @@ def test_bad_search_spaces_are_refused(space, message) -> None:
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_both_search_algorithms_sample_the_space(search) -> None:
-    job = TuneJob(data_uri="unused", dataset_digest="0" * 64, storage_path="unused", name="t",
+    job = TuneJob(data_uri="unused", dataset_digest="0" * 64, name="t",
                   space=SPACE, search=search, num_samples=3, max_concurrent_trials=3, seed=7)
     alg = _search_alg(job)
     if search == "optuna":
@@ -80,6 +80,7 @@ def test_msa_tune_command_line_parses() -> None:
          "--cpus-per-worker", "0.5", "--space", '{"optim.lr": {"loguniform": [1e-4, 1e-3]}}', "--epochs", "2"]
     )
     assert args.handler.__name__ == "_tune" and args.search == "optuna" and args.cpus_per_worker == 0.5
+    assert args.workers == 1 and args.use_gpu is False and not hasattr(args, "max_failures")
     assert args.space == {"optim.lr": {"loguniform": [1e-4, 1e-3]}}
 
 
@@ -99,7 +100,7 @@ def test_tune_flow_three_trials_registers_the_best(
         search="random",
         num_samples=3,
         max_concurrent_trials=2,
-        workers_per_trial=1,
+        workers=1,
         cpus_per_worker=0.5,
         grace_period=1,
         reduction_factor=2,

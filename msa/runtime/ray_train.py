@@ -1,8 +1,8 @@
-"""Ray Train V2 driver: DDP over WebDataset shards, checkpoints, resume, live MLflow metrics.
+"""Ray Train V2 around the engine: each worker calls ``msa.engine.fit`` with a sink that reports to Ray.
 
-The per-worker loop composes the torch-only pieces (msa.data, msa.train, msa.evaluate); this module
-is the only one in msa/ that imports Ray. Rank 0 evaluates validation recall each epoch, writes the
-checkpoint and logs the epoch to MLflow; every rank calls ``ray.train.report`` once per epoch.
+Rank 0 logs each epoch to MLflow and reports it with a checkpoint; every rank calls
+``ray.train.report`` once per epoch (it is a barrier). Resume is Ray's: the same run name and
+storage path hand the newest checkpoint back to ``fit``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from msa.config import MSAConfig
+from msa.checkpoint import HISTORY_FILE, load_checkpoint
 from msa.paths import OFFLINE_ENV
-from msa.train import HISTORY_FILE
+from msa.runtime.spec import RunSpec
+
 
 @dataclass
 class TrainJob:
@@ -26,15 +26,13 @@ class TrainJob:
     data_uri: str
     config: dict[str, Any]
     run_name: str
-    storage_path: str
     dataset_digest: str
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
-    mlflow_uri: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # RunSpec fields
     mlflow_run_id: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(**self.run)
 
 
 @dataclass
@@ -44,41 +42,35 @@ class TrainOutcome:
     history: list[dict[str, float]]
 
 
-@dataclass
-class SplitPlan:
-    """Shard URLs and key filters for train and validation (val carved from train if absent)."""
+class RayReportSink:
+    """``fit``'s epoch sink inside a Ray Train worker: Ray's checkpoint to resume, MLflow and Ray reports."""
 
-    train_urls: list[str]
-    val_urls: list[str]
-    train_pairs: int
-    carved_fraction: float | None
+    def __init__(self, job: TrainJob, rank: int):
+        self.job, self.rank = job, rank
 
-    def train_filter(self):
-        if self.carved_fraction is None:
+    def resume_state(self, device) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
             return None
-        from msa.data import is_carved_validation
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory, map_location=device)
 
-        fraction = self.carved_fraction
-        return lambda key: not is_carved_validation(key, fraction)
+    def end_epoch(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
+        import ray.train
 
-    def val_filter(self):
-        if self.carved_fraction is None:
-            return None
-        from msa.data import is_carved_validation
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        if self.job.mlflow_run_id:
+            from msa.runtime import tracking
 
-        fraction = self.carved_fraction
-        return lambda key: is_carved_validation(key, fraction)
-
-
-def plan_splits(manifest, val_fraction: float) -> SplitPlan:
-    train = manifest.splits.get("train")
-    if train is None or train.images == 0:
-        raise ValueError(f"shard set {manifest.digest[:16]} has no train split")
-    val = manifest.splits.get("val")
-    if val is not None and val.images > 0:
-        return SplitPlan(manifest.shard_urls("train"), manifest.shard_urls("val"), train.captions, None)
-    pairs = int(train.captions * (1.0 - val_fraction))
-    return SplitPlan(manifest.shard_urls("train"), manifest.shard_urls("train"), pairs, val_fraction)
+            step = int(metrics["epoch"])
+            tracking.log_metrics(self.job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+        with tempfile.TemporaryDirectory() as directory:
+            write_checkpoint(Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -86,155 +78,96 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from msa import tracking
-    from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
-    from msa.encoders import build_tokenizer
-    from msa.evaluate import embed_split, evaluate_recall
-    from msa.model import MSAModel
-    from msa.train import (
-        autocast_dtype,
-        build_optimizer,
-        load_checkpoint,
-        save_checkpoint,
-        seed_everything,
-        train_epoch,
-        unwrap,
-    )
+    from msa.config import MSAConfig
+    from msa.data import plan_splits
+    from msa.engine import Distributed, fit
+    from msa.runtime import tracking
     from shards.manifest import read_manifest
     from shards.storage import register_webdataset_s3
 
     job = TrainJob(**job_dict)
     cfg = MSAConfig.from_dict(job.config)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    register_webdataset_s3(job.storage_options)
-    manifest = read_manifest(job.data_uri, job.storage_options)
-    plan = plan_splits(manifest, cfg.train.val_fraction)
-
-    seed_everything(cfg.train.seed)
-    device = ray.train.torch.get_device()
-    tokenizer = build_tokenizer(cfg.text.tokenizer or cfg.text.model)
-    model = ray.train.torch.prepare_model(MSAModel(cfg))
-    optimizer = build_optimizer(model, cfg.optim)
-
-    start_epoch, history = 0, []
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as directory:
-            state = load_checkpoint(directory, map_location=device)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if rank == 0:
-            print(f"[msa] resumed from epoch {state['epoch']} checkpoint", flush=True)
-
-    transform = ImageTransform(cfg.image.size)
-    steps = steps_per_epoch(plan.train_pairs, cfg.train.batch_size, world)
-    dataset = PairBatches(
-        plan.train_urls,
-        transform=transform,
-        tokenizer=tokenizer,
-        max_tokens=cfg.text.max_tokens,
-        batch_size=cfg.train.batch_size,
-        steps_per_epoch=steps,
-        rank=rank,
-        world_size=world,
-        seed=cfg.train.seed,
-        key_filter=plan.train_filter(),
+    options = job.spec.storage_options or {}
+    register_webdataset_s3(options)
+    plan = plan_splits(read_manifest(job.data_uri, options), cfg.train.val_fraction)
+    dist = Distributed(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        prepare_model=ray.train.torch.prepare_model,
+        where=f" on node {ray.get_runtime_context().get_node_id()[:12]}",
     )
-    if rank == 0 and job.mlflow_run_id:
-        tracking.use_tracking(job.mlflow_uri)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        dataset.set_epoch(epoch)
-        if epoch == start_epoch:
-            urls, stride = dataset.assignment(0, max(1, cfg.train.loader_workers))
-            names = ",".join(url.rsplit("/", 1)[-1] for url in urls)
-            node = ray.get_runtime_context().get_node_id()[:12]
-            print(
-                f"[msa] rank {rank} of {world} on node {node} reads shards {names}"
-                + (" (sample stride)" if stride else ""),
-                flush=True,
-            )
-        loader = pair_loader(dataset, cfg.train.loader_workers, pin_memory=device.type == "cuda")
-        stats = train_epoch(model, loader, optimizer, cfg, device)
-        metrics: dict[str, float] = {"epoch": epoch, **stats.as_metrics()}
-        metrics["train_pairs_per_s"] = stats.pairs_per_s * world
-        if rank != 0:
-            ray.train.report(metrics)
-            continue
-        started = time.perf_counter()
-        val = embed_split(
-            unwrap(model),
-            plan.val_urls,
-            transform=transform,
-            tokenizer=tokenizer,
-            max_tokens=cfg.text.max_tokens,
-            batch_size=cfg.train.eval_batch_size,
-            device=device,
-            key_filter=plan.val_filter(),
-            autocast_dtype=autocast_dtype(cfg, device),
-        )
-        metrics.update({f"val_{k}": v for k, v in evaluate_recall(val).items()})
-        metrics["val_seconds"] = time.perf_counter() - started
-        metrics["finished_at"] = time.time()  # wall clock: shows which epochs ran before a restart
-        history.append(metrics)
-        print(
-            f"[msa] epoch {epoch + 1}/{cfg.train.epochs} loss {stats.loss:.3f} (tri {stats.triplet:.3f} "
-            f"align {stats.align:.3f} cons {stats.cons:.4f}) val mR {metrics['val_mR']:.2f} "
-            f"i2t R1 {metrics['val_i2t_R1']:.1f} t2i R1 {metrics['val_t2i_R1']:.1f} "
-            f"{metrics['train_pairs_per_s']:.0f} pairs/s",
-            flush=True,
-        )
-        if job.mlflow_run_id:
-            tracking.log_metrics(job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(
-                directory,
-                model=model,
-                optimizer=optimizer,
-                epoch=epoch,
-                cfg=cfg,
-                dataset_digest=job.dataset_digest,
-                metrics=metrics,
-                history=history,
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if dist.rank == 0 and job.mlflow_run_id:
+        tracking.use_tracking(job.spec.mlflow_uri)
+    fit(cfg, plan, sink=RayReportSink(job, dist.rank), dataset_digest=job.dataset_digest,
+        device=ray.train.torch.get_device(), dist=dist)
 
 
-def run_training(job: TrainJob, ray_address: str | None = None, callbacks: list | None = None) -> TrainOutcome:
-    """Fit on the Ray cluster at ``ray_address`` (or RAY_ADDRESS, else a local one) and pick the best epoch.
+def ensure_ray(ray_address: str | None = None) -> None:
+    """Attach to ``ray_address``/RAY_ADDRESS, else start a local cluster whose workers know its address.
 
-    ``callbacks`` go into the Train ``RunConfig`` (msa.tune passes Tune's ``TuneReportCallback``); inside
-    a Tune trial Ray is already initialised, so no ``ray.init`` happens there.
+    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when Tune stops a
+    trial under its TorchTrainer, as ASHA does) finds its cluster through the State API, and with
+    no RAY_ADDRESS that lookup fails when several Ray instances run on one machine (CI, shared
+    hosts): the stopped trial's CPUs then stay reserved and the next trial never starts. So a
+    local cluster gets a known GCS port, and every worker gets RAY_ADDRESS pointing at it.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address or os.environ.get("RAY_ADDRESS"),
-            runtime_env={"env_vars": {**OFFLINE_ENV, **_forwarded_env()}},
-            log_to_driver=True,
-        )
+    if ray.is_initialized():
+        return
+    env = {**OFFLINE_ENV, **forwarded_env()}
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def run_training(job: TrainJob, callbacks: list | None = None) -> TrainOutcome:
+    """Fit on the Ray cluster of ``job.spec`` and pick the epoch with the best validation mR.
+
+    ``callbacks`` go into the Train ``RunConfig`` (msa.runtime.tune passes Tune's ``TuneReportCallback``);
+    inside a Tune trial Ray is already initialised, so ``ensure_ray`` connects nothing there.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from msa.config import MSAConfig
+
+    spec = job.spec
+    ensure_ray(spec.ray_address)
     cfg = MSAConfig.from_dict(job.config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),
-        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=job.num_workers,
-            use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+            num_workers=spec.workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=job.run_name,
-            storage_path=job.storage_path,
+            storage_path=spec.storage,
             callbacks=list(callbacks or []),
-            failure_config=FailureConfig(max_failures=job.max_failures),
+            failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_mR",
@@ -255,7 +188,7 @@ def run_training(job: TrainJob, ray_address: str | None = None, callbacks: list 
     return TrainOutcome(_checkpoint_uri(checkpoint), dict(metrics), history)
 
 
-def _forwarded_env() -> dict[str, str]:
+def forwarded_env() -> dict[str, str]:
     """Credentials and endpoints the workers need, taken from the driver's environment, never logged."""
     names = (
         "AWS_ACCESS_KEY_ID",
@@ -271,7 +204,6 @@ def _forwarded_env() -> dict[str, str]:
 
 
 def _checkpoint_uri(checkpoint) -> str:
-    fs_type = type(checkpoint.filesystem).__name__
-    if fs_type == "S3FileSystem":
+    if type(checkpoint.filesystem).__name__ == "S3FileSystem":
         return f"s3://{checkpoint.path}"
     return str(Path(checkpoint.path))

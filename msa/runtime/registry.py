@@ -31,27 +31,25 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from msa import tracking
-from msa.tracking import CHAMPION, DIGEST_TAG, EXPERIMENT, REGISTERED_MODEL
+from msa.metrics import RECALL_KEYS
+from msa.runtime import tracking
+from msa.runtime.tracking import CHAMPION, DIGEST_TAG, EXPERIMENT, REGISTERED_MODEL
 
-log = logging.getLogger("msa.registry")
+log = logging.getLogger("msa.runtime.registry")
 
 LOCK_SUFFIX = ".promotion-lock"
 SOURCE_DIGEST_TAG = "source_digest"  # shards.Manifest.source_digest of the corpus a version was trained on
 KIND_TAG = "msa.kind"  # tune | tune-trial | promotion | retrain on runs this module creates
-RECALL_KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
 
 
 def client(mlflow_uri: str | None = None) -> MlflowClient:
@@ -151,25 +149,6 @@ def version_tags(version: str, model_name: str = REGISTERED_MODEL) -> dict[str, 
     return dict(MlflowClient().get_model_version(model_name, str(version)).tags)
 
 
-def download_version(version: str, dst: str | Path, model_name: str = REGISTERED_MODEL) -> Path:
-    """The version's pyfunc model directory (``artifacts/checkpoint/``, ``artifacts/tokenizer/``)."""
-    from mlflow.artifacts import download_artifacts
-
-    path = download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(dst))
-    return Path(path)
-
-
-def _artifact_dir(model_dir: Path, key: str) -> Path:
-    """Where the pyfunc's artifact ``key`` landed (MLmodel records it; the folder keeps the source's name)."""
-    import yaml
-
-    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
-    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    if key not in artifacts:
-        raise ValueError(f"{model_dir}: the model has no {key!r} artifact (have {sorted(artifacts)})")
-    return model_dir / artifacts[key]["path"]
-
-
 def evaluate_version(
     version: str,
     data_uri: str,
@@ -179,36 +158,12 @@ def evaluate_version(
     storage_options: dict | None = None,
 ) -> dict[str, float]:
     """Recall of a registered version's own checkpoint on ``split`` of the shard set at ``data_uri``."""
-    import torch
+    from msa.evaluate import evaluate_recall
+    from msa.runtime.pipeline import evaluate_split
+    from msa.runtime.resolver import resolve_model
 
-    from msa.data import ImageTransform
-    from msa.encoders import build_tokenizer
-    from msa.evaluate import embed_split, evaluate_recall
-    from msa.serving import CHECKPOINT_ARTIFACT, TOKENIZER_ARTIFACT
-    from msa.train import load_checkpoint, model_from_checkpoint
-    from shards.manifest import read_manifest
-    from shards.storage import register_webdataset_s3
-
-    register_webdataset_s3(storage_options or {})
-    manifest = read_manifest(data_uri, storage_options)
-    if split not in manifest.splits or manifest.splits[split].images == 0:
-        raise ValueError(f"shard set {data_uri} has no {split!r} split to evaluate on")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = download_version(version, tmp, model_name)
-        state = load_checkpoint(_artifact_dir(root, CHECKPOINT_ARTIFACT), map_location="cpu")
-        tokenizer = build_tokenizer(str(_artifact_dir(root, TOKENIZER_ARTIFACT)))
-    model, cfg = model_from_checkpoint(state)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    embedded = embed_split(
-        model,
-        manifest.shard_urls(split),
-        transform=ImageTransform(cfg.image.size),
-        tokenizer=tokenizer,
-        max_tokens=cfg.text.max_tokens,
-        batch_size=cfg.train.eval_batch_size,
-        device=device,
-    )
+    model = resolve_model(f"models:/{model_name}/{version}", mlflow_uri=mlflow.get_tracking_uri())
+    embedded, _ = evaluate_split(model, data_uri, split, storage_options)
     return evaluate_recall(embedded)
 
 
@@ -351,7 +306,7 @@ def promote(
     points). ``on_evaluated(champion_seen)`` is called after each evaluation, before the commit (tests
     use it to line two promotions up).
     """
-    from msa.pipeline import verify_dataset
+    from msa.runtime.datasets import verify_dataset
 
     c = client(mlflow_uri)
     candidate = str(candidate) if candidate is not None else latest_version(model_name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
+_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_ARTIFACT = "checkpoint"
 TOKENIZER_ARTIFACT = "tokenizer"
 
@@ -21,15 +22,11 @@ class MSAEmbedder(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from msa.data import ImageTransform
-        from msa.encoders import build_tokenizer
-        from msa.train import load_checkpoint, model_from_checkpoint
+        from msa.runtime.resolver import resolve_model
 
-        state = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], map_location="cpu")
-        self.model, self.cfg = model_from_checkpoint(state)
-        self.model.eval()
-        self.tokenizer = build_tokenizer(context.artifacts[TOKENIZER_ARTIFACT])
-        self.transform = ImageTransform(self.cfg.image.size)
+        loaded = resolve_model(context.artifacts[CHECKPOINT_ARTIFACT], "cpu",
+                               tokenizer_dir=context.artifacts[TOKENIZER_ARTIFACT])
+        self.model, self.cfg, self.tokenizer, self.transform = loaded.model, loaded.cfg, loaded.tokenizer, loaded.transform
         self.torch = torch
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
@@ -76,7 +73,7 @@ def log_pyfunc_model(checkpoint_dir: str | Path, tokenizer_dir: str | Path, dim:
         name=name,
         python_model=MSAEmbedder(),
         artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
-        code_paths=[str(Path(__file__).resolve().parent)],
+        code_paths=[str(_ROOT / "msa"), str(_ROOT / "shards")],  # the model loads through msa.runtime.resolver
         signature=signature(dim),
     )
     return info.model_uri

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from msa.config import MSAConfig
 from msa.paths import LOCAL_STATE, PROJECT_ROOT
+from msa.runtime.spec import RunSpec
 
 EXPERIMENT = "msa"
 REGISTERED_MODEL = "msa-retrieval"
@@ -66,6 +67,7 @@ def git_commit() -> str:
 
 def start_training_run(
     cfg: MSAConfig,
+    spec: RunSpec | None = None,
     *,
     dataset_digest: str,
     data_uri: str,
@@ -73,7 +75,8 @@ def start_training_run(
     extra_params: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
 ) -> str:
-    """Create the run, log the resolved config whole (params + config.json), tags and dataset input."""
+    """Create the run, log the resolved config whole (params + config.json), the run spec (``run.*``
+    params: resources and where things are stored), tags and the dataset input."""
     experiment_id = ensure_experiment()
     client = MlflowClient()
     tags = {
@@ -87,7 +90,8 @@ def start_training_run(
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = {**cfg.flat_params(), **{k: str(v) for k, v in (extra_params or {}).items()}}
+    run_params = {f"run.{k}": v for k, v in spec.model_dump().items()} if spec is not None else {}
+    params = {**cfg.flat_params(), **{k: str(v) for k, v in {**run_params, **(extra_params or {})}.items()}}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     client.log_dict(run_id, cfg.to_dict(), "config.json")
     _log_dataset_input(run_id, dataset_digest, data_uri)

@@ -1,14 +1,14 @@
 """Ray Tune over the training driver: one TorchTrainer per trial, ASHA early stopping, random or Optuna search.
 
 Ray 2.60 pattern (Train V2): ``Tuner(trial_fn)`` where ``trial_fn(config)`` resolves the trial's
-configuration, opens an MLflow child run and calls ``msa.driver.run_training`` with
+configuration, opens an MLflow child run and calls ``msa.runtime.ray_train.run_training`` with
 ``ray.tune.integration.ray_train.TuneReportCallback``, which forwards rank 0's per-epoch report
 (``val_mR`` and the checkpoint path) to Tune, so ASHA can stop a trial between epochs.
 
 MLflow: one parent run (``msa.kind=tune``: the base config, the search space, the settings, the best
 trial) with a child run per trial (``mlflow.parentRunId``; per-epoch metrics from rank 0). The best
 trial's best checkpoint (highest validation mR over all trials and epochs) is evaluated on the test
-split once and registered as a new version of ``msa-retrieval`` (msa.pipeline.evaluate_test +
+split once and registered as a new version of ``msa-retrieval`` (msa.runtime.pipeline.evaluate_test +
 publish_model). The search space is plain JSON (a flow parameter), keyed by dotted config keys::
 
     {"optim.lr": {"loguniform": [1e-4, 3e-3]}, "train.batch_size": {"choice": [16, 32]},
@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msa import registry, tracking
+from msa.checkpoint import HISTORY_FILE
 from msa.config import resolve_config
-from msa.driver import TrainJob, _forwarded_env, run_training
-from msa.paths import OFFLINE_ENV
-from msa.train import HISTORY_FILE
+from msa.metrics import RECALL_KEYS
+from msa.runtime import registry, tracking
+from msa.runtime.ray_train import TrainJob, ensure_ray, run_training
+from msa.runtime.spec import RunSpec
 
-RECALL_KEYS = ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "mR")
 METRIC = "val_mR"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each forwarded report
 
@@ -53,27 +52,27 @@ SEARCHES = ("random", "optuna")
 
 @dataclass
 class TuneJob:
-    """Everything one tuning run needs, as plain data."""
+    """Everything one tuning run needs, as plain data; ``run`` holds the RunSpec of every trial's training
+    (``workers`` per trial, ``cpus_per_worker``, ``use_gpu``: one GPU per worker) and the services."""
 
     data_uri: str
     dataset_digest: str
-    storage_path: str
     name: str
+    run: dict[str, Any] = field(default_factory=dict)
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SPACE))
     search: str = "random"
     num_samples: int = 8
     max_concurrent_trials: int = 1
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
     trial_driver_cpus: float = 0.01  # the trial function only waits on its TorchTrainer (0 is refused)
     grace_period: int = 1
     reduction_factor: float = 2.0
     seed: int = 0
-    mlflow_uri: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(**self.run)
 
 
 @dataclass
@@ -164,32 +163,17 @@ def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {key: _plain(value) for key, value in config.items()}
     cfg = resolve_config(tj.preset, {**tj.overrides, **sampled})
-    tracking.use_tracking(tj.mlflow_uri)
+    spec = tj.spec.model_copy(update={"max_failures": 0})
+    tracking.use_tracking(spec.mlflow_uri)
     run_name = f"{tj.name}-{trial_id}"
     run_id = tracking.start_training_run(
-        cfg,
-        dataset_digest=tj.dataset_digest,
-        data_uri=tj.data_uri,
-        run_name=run_name,
-        extra_params={"num_workers": tj.workers_per_trial, "use_gpu": tj.gpus_per_worker > 0},
+        cfg, spec, dataset_digest=tj.dataset_digest, data_uri=tj.data_uri, run_name=run_name,
         parent_run_id=job["parent_run_id"],
     )
     registry.set_run_tags(run_id, {registry.KIND_TAG: "tune-trial", "tune.trial_id": trial_id,
                                    "tune.sampled": json.dumps(sampled, sort_keys=True)})
-    train_job = TrainJob(
-        data_uri=tj.data_uri,
-        config=cfg.to_dict(),
-        run_name=run_name,
-        storage_path=tj.storage_path,
-        dataset_digest=tj.dataset_digest,
-        num_workers=tj.workers_per_trial,
-        use_gpu=tj.gpus_per_worker > 0,
-        cpus_per_worker=tj.cpus_per_worker,
-        max_failures=0,
-        mlflow_uri=tj.mlflow_uri,
-        mlflow_run_id=run_id,
-        storage_options=tj.storage_options,
-    )
+    train_job = TrainJob(data_uri=tj.data_uri, config=cfg.to_dict(), run_name=run_name,
+                         dataset_digest=tj.dataset_digest, run=spec.model_dump(), mlflow_run_id=run_id)
     try:
         outcome = run_training(train_job, callbacks=[TuneReportCallback()])
     except BaseException:
@@ -198,43 +182,6 @@ def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
     tracking.log_metrics(run_id, {f"best_val_{k}": outcome.best_metrics[f"val_{k}"] for k in RECALL_KEYS}, step=0)
     registry.set_run_tags(run_id, {"tune.status": "completed", "best_checkpoint": outcome.best_checkpoint})
     tracking.finish_run(run_id)
-
-
-def ensure_ray(ray_address: str | None) -> None:
-    """Attach to ``ray_address``/RAY_ADDRESS, else start a local cluster whose workers know its address.
-
-    Ray Train's PlacementGroupCleaner (which frees the workers' placement group when Tune stops a
-    trial under its TorchTrainer, as ASHA does) finds its cluster through the State API, and with
-    no RAY_ADDRESS that lookup fails when several Ray instances run on one machine (CI, shared
-    hosts): the stopped trial's CPUs then stay reserved and the next trial never starts. So a
-    local cluster gets a known GCS port, and every worker gets RAY_ADDRESS pointing at it.
-    """
-    import ray
-
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    env = {**OFFLINE_ENV, **_forwarded_env()}
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
 
 
 def _search_alg(tj: TuneJob):
@@ -288,19 +235,17 @@ def _summaries(results, storage_path: str, epochs: int) -> list[TrialSummary]:
     return out
 
 
-def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = True) -> TuneOutcome:
+def run_tune(job: TuneJob, *, register: bool = True) -> TuneOutcome:
     """Tune, then evaluate and register the best trial's checkpoint; returns the outcome."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from msa import pipeline
+    from msa.runtime import pipeline
 
-    if job.num_samples < 1 or job.max_concurrent_trials < 0 or job.workers_per_trial < 1:
-        raise ValueError("num_samples and workers_per_trial must be >= 1, max_concurrent_trials >= 0")
+    if job.num_samples < 1 or job.max_concurrent_trials < 0:
+        raise ValueError("num_samples must be >= 1, max_concurrent_trials >= 0")
     if job.search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, not {job.search!r}")
-    if job.gpus_per_worker not in (0, 1):
-        raise ValueError("gpus_per_worker must be 0 or 1 (one GPU per DDP rank)")
     validate_space(job.space, job.preset, job.overrides)
     base = resolve_config(job.preset, job.overrides)
     epochs = base.train.epochs
@@ -309,10 +254,12 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
             raise ValueError(f"{key} cannot be tuned: it is ASHA's time budget (set it in overrides)")
     grace = max(1, min(job.grace_period, epochs))
 
-    mlflow_uri = tracking.use_tracking(job.mlflow_uri)
-    job = TuneJob(**{**asdict(job), "mlflow_uri": mlflow_uri})
+    mlflow_uri = tracking.use_tracking(job.spec.mlflow_uri)
+    spec = job.spec.model_copy(update={"mlflow_uri": mlflow_uri, "storage_path": job.spec.storage})
+    job = TuneJob(**{**asdict(job), "run": spec.model_dump()})
     parent = tracking.start_training_run(
         base,
+        spec,
         dataset_digest=job.dataset_digest,
         data_uri=job.data_uri,
         run_name=job.name,
@@ -320,9 +267,6 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
             "tune.search": job.search,
             "tune.num_samples": job.num_samples,
             "tune.max_concurrent_trials": job.max_concurrent_trials,
-            "tune.workers_per_trial": job.workers_per_trial,
-            "tune.cpus_per_worker": job.cpus_per_worker,
-            "tune.gpus_per_worker": job.gpus_per_worker,
             "tune.scheduler": f"ASHA(max_t={epochs}, grace_period={grace}, reduction_factor={job.reduction_factor})",
             "tune.seed": job.seed,
         },
@@ -331,7 +275,7 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
     registry.log_dict(parent, job.space, "search_space.json")
     started = time.perf_counter()
     try:
-        ensure_ray(ray_address)
+        ensure_ray(spec.ray_address)
         trainable = tune.with_resources(
             tune.with_parameters(trial_fn, job={"tune": asdict(job), "parent_run_id": parent}),
             {"CPU": job.trial_driver_cpus},
@@ -352,10 +296,10 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
                 num_samples=job.num_samples,
                 max_concurrent_trials=(job.max_concurrent_trials or None) if job.search != "random" else None,
             ),
-            run_config=tune.RunConfig(name=job.name, storage_path=job.storage_path, verbose=1),
+            run_config=tune.RunConfig(name=job.name, storage_path=spec.storage, verbose=1),
         )
         results = tuner.fit()
-        trials = _summaries(results, job.storage_path, epochs)
+        trials = _summaries(results, spec.storage, epochs)
         _link_child_runs(parent, trials)
         scored = [t for t in trials if t.best_val_mR is not None and t.best_checkpoint]
         if not scored:
@@ -372,7 +316,7 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
             best_config=best.config,
             best_checkpoint=best.best_checkpoint,
         )
-        history = _history(best.best_checkpoint, job.storage_options)
+        history = _history(best.best_checkpoint, spec.storage_options)
         best_epoch = max(history, key=lambda h: h.get(METRIC, -math.inf)) if history else {}
         outcome.best_val = {k: float(v) for k, v in best_epoch.items() if k.startswith("val_")}
         tracking.log_metrics(
@@ -395,11 +339,9 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
                 best_val=outcome.best_val,
                 history=history,
             )
-            test = pipeline.evaluate_test(trained, data_uri=job.data_uri, mlflow_uri=mlflow_uri,
-                                          storage_options=job.storage_options)
+            test = pipeline.evaluate_test(trained, data_uri=job.data_uri, spec=spec)
             outcome.test = {k: float(v) for k, v in test.items()}
-            outcome.model_version = pipeline.publish_model(trained, test, mlflow_uri=mlflow_uri,
-                                                           storage_options=job.storage_options)
+            outcome.model_version = pipeline.publish_model(trained, test, spec=spec)
             registry.set_version_tags(outcome.model_version, {"tune_parent_run_id": parent,
                                                               "tune_trial_id": best.trial_id})
             tracking.log_metrics(parent, {f"test_{k}": v for k, v in outcome.test.items() if k in RECALL_KEYS}, 0)
@@ -411,7 +353,7 @@ def run_tune(job: TuneJob, *, ray_address: str | None = None, register: bool = T
     return outcome
 
 
-def _history(checkpoint_uri: str, storage_options: dict) -> list[dict[str, float]]:
+def _history(checkpoint_uri: str, storage_options: dict | None) -> list[dict[str, float]]:
     from shards.storage import open_url
 
     try:
