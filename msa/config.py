@@ -109,6 +109,9 @@ class LossConfig(_Section):
     mask_same_image: bool = False
     triplet_reduction: Literal["sum", "mean"] = "sum"
     triplet_negatives: Literal["hardest", "all"] = "hardest"
+    # Symmetric InfoNCE on the global embeddings, beside the triplet term (CLIP fine-tuning recipes).
+    w_infonce: NonNegativeFloat = 0.0
+    infonce_temperature: PositiveFloat = 0.07
 
 
 class OptimConfig(_Section):

@@ -121,6 +121,19 @@ def hardest_triplet_loss(
     return loss / sims.shape[0] if reduction == "mean" else loss
 
 
+def infonce_loss(img: Tensor, txt: Tensor, temperature: float = 0.07, *, image_ids: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE (CLIP's contrastive loss) on L2-normalised img, txt [B, D], item i matching item i.
+
+    Mean of the image->text and text->image cross-entropies of cosine / temperature over the batch.
+    ``image_ids`` removes other captions of the same image from the negatives.
+    """
+    logits = img @ txt.T / temperature
+    if image_ids is not None:
+        logits = logits.masked_fill(_off_diagonal(same_image_mask(image_ids)), float("-inf"))
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def msa_loss(
     S: Tensor,
     img: Tensor,
@@ -135,11 +148,14 @@ def msa_loss(
     image_ids: Tensor | None = None,
     triplet_reduction: Literal["sum", "mean"] = "sum",
     triplet_negatives: Literal["hardest", "all"] = "hardest",
+    w_infonce: float = 0.0,
+    infonce_temperature: float = 0.07,
 ) -> dict[str, Tensor]:
     """The full objective from MSCMAT scores S [K, B, B] and global embeddings img, txt [B, D].
 
     Returns total, triplet, align (unweighted sum over the K scales) and cons (unweighted sum over scales
-    1..K-1 against the last scale as teacher); total = triplet + w_align * align + w_cons * cons.
+    1..K-1 against the last scale as teacher); total = triplet + w_align * align + w_cons * cons, plus
+    w_infonce * infonce (and an ``infonce`` entry) when that weight is set.
     ``image_ids`` [B] (integers) turns on same-image masking in every term.
     """
     positives = None if image_ids is None else same_image_mask(image_ids)
@@ -157,8 +173,12 @@ def msa_loss(
     cons = S.new_zeros(())
     for s in S[:-1]:
         cons = cons + consistency_loss(S[-1], s, cons_temperature, positive_mask=positives)
+    terms = {"triplet": triplet, "align": align, "cons": cons}
     total = triplet + w_align * align + w_cons * cons
-    return {"total": total, "triplet": triplet, "align": align, "cons": cons}
+    if w_infonce > 0:
+        terms["infonce"] = infonce_loss(img, txt, infonce_temperature, image_ids=image_ids)
+        total = total + w_infonce * terms["infonce"]
+    return {"total": total, **terms}
 
 
 def compute_loss(out: "MSAOutput", cfg: "LossConfig", image_ids: Tensor | None = None) -> dict[str, Tensor]:
@@ -180,4 +200,6 @@ def compute_loss(out: "MSAOutput", cfg: "LossConfig", image_ids: Tensor | None =
         image_ids=image_ids if cfg.mask_same_image else None,
         triplet_reduction=cfg.triplet_reduction,
         triplet_negatives=cfg.triplet_negatives,
+        w_infonce=cfg.w_infonce,
+        infonce_temperature=cfg.infonce_temperature,
     )

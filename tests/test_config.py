@@ -31,7 +31,7 @@ PAPER = {
     "mscmat": {"num_heads": 12, "key_padding_mask": False},
     "loss": {"w_align": 15.0, "w_cons": 10.0, "margin": 0.5, "cons_temperature": 2.0, "align_temperature": None,
              "align_both_directions": False, "mask_same_image": False, "triplet_reduction": "sum",
-             "triplet_negatives": "hardest"},
+             "triplet_negatives": "hardest", "w_infonce": 0.0, "infonce_temperature": 0.07},
     "optim": {"lr": 1e-5, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
     "train": {"batch_size": 32, "epochs": 60, "seed": 1, "val_fraction": 0.1, "eval_batch_size": 128,
               "loader_workers": 1, "bf16": True, "keep_checkpoints": 2},

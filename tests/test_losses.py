@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msa.losses import alignment_loss, consistency_loss, hardest_triplet_loss, msa_loss
+from msa.config import resolve_config
+from msa.losses import alignment_loss, compute_loss, consistency_loss, hardest_triplet_loss, infonce_loss, msa_loss
 
 
 def rand(*shape, seed=0):
@@ -173,3 +174,26 @@ def test_msa_loss_near_240_at_initialisation_like_scores():
     S = 0.5 + 0.01 * rand(4, b, b)
     out = msa_loss(S, unit(b, 768, seed=1), unit(b, 768, seed=2))
     assert 230 < out["total"].item() < 280
+
+
+def test_infonce_matches_a_hand_written_loop_and_joins_the_objective_only_when_weighted():
+    img, txt, t = unit(6, 8, seed=3), unit(6, 8, seed=4), 0.07
+    sims = (img @ txt.T).tolist()
+
+    def ce(row: list[float], target: int) -> float:
+        return -(row[target] / t - math.log(sum(math.exp(v / t) for v in row)))
+
+    i2t = sum(ce(sims[i], i) for i in range(6)) / 6
+    t2i = sum(ce([sims[j][i] for j in range(6)], i) for i in range(6)) / 6
+    assert infonce_loss(img, txt, t).item() == pytest.approx((i2t + t2i) / 2, rel=1e-9)
+
+    S = rand(4, 6, 6, seed=5)
+    plain = msa_loss(S, img, txt)
+    assert "infonce" not in plain  # the paper objective is unchanged unless asked for
+    weighted = msa_loss(S, img, txt, w_infonce=0.5, infonce_temperature=t)
+    torch.testing.assert_close(weighted["infonce"], infonce_loss(img, txt, t))
+    torch.testing.assert_close(weighted["total"], plain["total"] + 0.5 * weighted["infonce"])
+
+    cfg = resolve_config("small", ["loss.w_infonce=0.5"]).loss
+    out = type("Out", (), {"scores": S, "image_emb": img, "text_emb": txt})()
+    assert set(compute_loss(out, cfg)) == {"total", "triplet", "align", "cons", "infonce"}
