@@ -36,7 +36,7 @@ def _prepare_environment() -> None:
 
 
 @contextlib.contextmanager
-def _stdout_for(json_mode: bool) -> Iterator[Any]:
+def json_stdout(json_mode: bool) -> Iterator[Any]:
     """With --json, route everything (including Ray's and Prefect's output) to stderr and yield the
     real stdout for the one JSON document; otherwise yield sys.stdout."""
     if not json_mode:
@@ -167,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         params["data_uri"] = args.data
     if getattr(args, "demo_images", None):
         params["demo_images"] = args.demo_images
-    with _stdout_for(args.json):
+    with json_stdout(args.json):
         result = train_msa(**params)
     if args.json:
         _emit(result, sys.stdout)
@@ -186,7 +186,7 @@ def _tune(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows.tune_msa import tune_msa
 
-    with _stdout_for(args.json):
+    with json_stdout(args.json):
         result = tune_msa(
             data_uri=args.data, preset=args.preset, overrides=overrides, space=args.space, search=args.search,
             num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials,
@@ -201,7 +201,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from flows.promote_msa import promote_msa
 
-    with _stdout_for(args.json):
+    with json_stdout(args.json):
         result = promote_msa(candidate_version=args.candidate, margin=args.margin, data_uri=args.data,
                              digest=args.digest, model_name=args.model_name, **_run_params(args, promote_msa))
     if args.json:
@@ -226,7 +226,7 @@ def _retrain(args: argparse.Namespace) -> int:
                                   margin=args.margin, force=args.force, **_run_params(args, retrain_msa))
     if args.out:
         params["data_uri"] = args.out
-    with _stdout_for(args.json):
+    with json_stdout(args.json):
         result = retrain_msa(**params)
     if args.json:
         _emit(result, sys.stdout)

@@ -17,8 +17,9 @@ import contextlib
 import json
 import math
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+from flows.cli import json_stdout
 from msa.retrieval.constants import (
     DEFAULT_INDEX_BATCH_SIZE,
     DEFAULT_INDEX_SPLIT,
@@ -27,25 +28,13 @@ from msa.retrieval.constants import (
     DEFAULT_RERANK_WEIGHT,
     RERANK_MODES,
 )
+from shards.cli import int_at_least
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 # --------------------------------------------------------------------------------- argument types
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _finite_float(text: str) -> float:
@@ -81,17 +70,12 @@ def _reported(command: str, outcome: dict[str, int]) -> Iterator[None]:
         outcome["exit"] = EXIT_BAD_INPUT
 
 
-def _quiet_stdout(json_mode: bool):
-    """In --json mode anything the library or its dependencies print goes to stderr, not stdout."""
-    return contextlib.redirect_stdout(sys.stderr) if json_mode else contextlib.nullcontext()
-
-
 # ------------------------------------------------------------------------------------------ index
 
 
 def _index(args: argparse.Namespace) -> int:
     outcome = {"exit": 0}
-    with _quiet_stdout(args.json), _reported("index", outcome):
+    with json_stdout(args.json), _reported("index", outcome):
         from msa.retrieval import Index, build_index
         from shards.storage import endpoint_options
 
@@ -143,7 +127,7 @@ def _index_summary(index: Any) -> dict[str, Any]:
 
 def _search(args: argparse.Namespace) -> int:
     outcome = {"exit": 0}
-    with _quiet_stdout(args.json), _reported("search", outcome):
+    with json_stdout(args.json), _reported("search", outcome):
         from msa.retrieval import META_FILE, Index, IndexFormatError, resolve_model, search_image, search_text
 
         index = Index.load(args.index)
@@ -218,7 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
     index.add_argument("--split", default=DEFAULT_INDEX_SPLIT,
                        help=f"which split of the shard set to index (default: {DEFAULT_INDEX_SPLIT})")
-    index.add_argument("--batch-size", type=_int_at_least(1), default=DEFAULT_INDEX_BATCH_SIZE,
+    index.add_argument("--batch-size", type=int_at_least(1), default=DEFAULT_INDEX_BATCH_SIZE,
                        help=f"images/captions per forward pass (default {DEFAULT_INDEX_BATCH_SIZE})")
     index.add_argument("--endpoint-url", help="S3 endpoint for s3:// shards (e.g. a local MinIO)")
     index.add_argument("--json", action="store_true",
@@ -237,9 +221,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="text query: returns images")
     query.add_argument("--image", metavar="PATH", help="image file query: returns captions (with their image)")
-    search.add_argument("--k", type=_int_at_least(1), default=DEFAULT_K,
+    search.add_argument("--k", type=int_at_least(1), default=DEFAULT_K,
                         help=f"number of results (default {DEFAULT_K})")
-    search.add_argument("--rerank", type=_int_at_least(0), default=0, metavar="R",
+    search.add_argument("--rerank", type=int_at_least(0), default=0, metavar="R",
                         help="re-score the top max(R, k) cosine candidates with MSCMAT and re-sort them "
                         "(default 0: cosine only)")
     search.add_argument("--rerank-mode", choices=RERANK_MODES, default=DEFAULT_RERANK_MODE,

@@ -63,7 +63,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (used by every msa command that takes counts)."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -76,8 +77,8 @@ def _int_at_least(low: int):
     return parse
 
 
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def _setup_logging() -> None:
