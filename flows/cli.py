@@ -169,16 +169,16 @@ def _train(args: argparse.Namespace) -> int:
         params["demo_images"] = args.demo_images
     with json_stdout(args.json):
         result = train_msa(**params)
-    if args.json:
-        _emit(result, sys.stdout)
-        return 0
-    _print_recall_table(result["test"], sys.stdout)
+    human = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON alone
+    _print_recall_table(result["test"], human)
     uri = args.mlflow_uri or default_tracking_uri()
     print(f"\nMLflow run {result['run_id']} ({result['run_name']}), registered model msa-retrieval "
-          f"version {result['model_version']}, dataset digest {result['dataset_digest'][:16]}")
-    print(f"MLflow store: {uri}")
+          f"version {result['model_version']}, dataset digest {result['dataset_digest'][:16]}", file=human)
+    print(f"MLflow store: {uri}", file=human)
     if uri.startswith("sqlite:"):
-        print(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+        print(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000", file=human)
+    if args.json:
+        _emit(result, sys.stdout)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,18 +38,21 @@ def test_demo_flow_end_to_end(tmp_path: Path) -> None:
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    # The recall table: seven figures, then the chance level.
-    header = re.search(r"i2t_R1\s+i2t_R5\s+i2t_R10\s+t2i_R1\s+t2i_R5\s+t2i_R10\s+mR\n\s+([\d. ]+)\n", proc.stdout)
-    assert header, proc.stdout[-3000:]
+    # --json: stdout is one JSON document, the people's output (recall table, stores) is on stderr.
+    result = json.loads(proc.stdout)
+    header = re.search(r"i2t_R1\s+i2t_R5\s+i2t_R10\s+t2i_R1\s+t2i_R5\s+t2i_R10\s+mR\n\s+([\d. ]+)\n", proc.stderr)
+    assert header, proc.stderr[-3000:]
     values = [float(v) for v in header.group(1).split()]
     assert len(values) == 7 and all(0.0 <= v <= 100.0 for v in values)
     assert abs(values[6] - sum(values[:6]) / 6) < 0.01
-    assert re.search(r"chance mR \d+\.\d+", proc.stdout)
+    assert values == [round(result["test"][k], 2) for k in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5",
+                                                             "t2i_R10", "mR")]
+    assert re.search(r"chance mR \d+\.\d+", proc.stderr)
     # Per-epoch progress lines from rank 0.
     assert set(re.findall(r"\[msa\] epoch (\d)/2 loss", output)) == {"1", "2"}, output[-4000:]
 
     store = f"sqlite:///{home / 'mlflow.db'}"
-    assert store in proc.stdout
+    assert store in proc.stderr and result["run_id"]
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("msa")
     runs = client.search_runs([experiment.experiment_id])

@@ -180,7 +180,7 @@ def test_rayjob_entrypoint_parses_with_the_msa_cli():
     assert args.command == "train"
     assert args.data and args.data.startswith("s3://")
     assert args.preset == "paper"
-    assert args.gpu is True
+    assert args.use_gpu is True
     assert args.workers == 2
     assert args.ray_address == "auto"
 

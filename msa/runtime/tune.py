@@ -371,7 +371,9 @@ def _link_child_runs(parent: str, trials: list[TrialSummary]) -> None:
         if run is None:
             continue
         trial.run_id = run.info.run_id
-        if run.info.status == "RUNNING":
+        # A run still RUNNING lost its actor; one FAILED although Tune saw no error was interrupted by
+        # Tune's own stop (ASHA) inside the training call. Both get the status Tune saw.
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and trial.status != "error"):
             # The trial actor was stopped under the run (ASHA) or died: close it with what Tune saw.
             registry.set_run_tags(trial.run_id, {"tune.status": trial.status})
             if trial.best_val_mR is not None:
