@@ -101,6 +101,49 @@ def test_sections_have_their_measurements(full_run):
     assert positive(full_run["loader"]["pairs_per_core_s"])
 
 
+def test_train_section_times_the_engine_step(full_run):
+    assert full_run["train"]["step"] == "msa.engine.train_step"
+    assert "step: msa.engine.train_step" in full_run["_stdout"]
+
+
+def test_timed_step_is_msa_engine_train_step(monkeypatch, capsys):
+    """Every timed, warm-up and FLOP-counting call of the train section goes through the engine's step,
+    with the bench-side --fused-adamw applied to the optimizer handed to it."""
+    import msa.bench.cli
+    import msa.engine
+
+    calls = []
+    real = msa.engine.train_step
+
+    def counting(model, batch, optimizer, cfg, device):
+        calls.append((batch["images"].shape[0], optimizer.defaults.get("fused")))
+        return real(model, batch, optimizer, cfg, device)
+
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    monkeypatch.setattr(msa.engine, "train_step", counting)
+    threads = torch.get_num_threads()
+    try:
+        assert msa.bench.cli.main(["--tiny", "--device", "cpu", "--sections", "train", "--batch-sizes", "2",
+                                   "--steps", "2", "--warmup", "1", "--fused-adamw", "--no-encoders-row",
+                                   "--matmul-tflops", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(2, True)] * 4  # FLOP count + 1 warm-up + 2 timed
+    assert "optimizer: AdamW(fused=True)" in capsys.readouterr().out
+
+
+def test_package_stays_on_the_model_library():
+    """Importing msa.bench (every section module) loads nothing of the runtime, retrieval or orchestration."""
+    code = "import sys, msa.bench; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=True).stdout.split()
+    forbidden = ("msa.runtime", "msa.retrieval", "flows", "ray", "mlflow", "prefect")
+    assert not [m for m in loaded if m in forbidden or m.startswith(tuple(f + "." for f in forbidden))]
+    for module in (ROOT / "msa" / "bench").glob("*.py"):
+        assert len(module.read_text().splitlines()) < 500, module.name
+
+
 def test_cpu_run_is_never_compared_with_the_gpu_reference(full_run):
     out = full_run["_stdout"]
     assert "not comparable" in out and "targets (GPU)" not in out
