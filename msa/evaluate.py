@@ -9,7 +9,7 @@ import torch
 
 from msa.data import ImageTransform, Sample, iterate_samples
 from msa.encoders import tokenize
-from msa.metrics import recall_at_k
+from msa.metrics import chunked_ranks, recall_from_ranks
 from msa.model import MSAModel
 
 
@@ -77,5 +77,6 @@ def embed_split(
     )
 
 
-def evaluate_recall(split: EmbeddedSplit) -> dict[str, float]:
-    return recall_at_k(split.similarities(), split.caption_image)
+def evaluate_recall(split: EmbeddedSplit, chunk: int = 4096) -> dict[str, float]:
+    """Recall of an embedded split, ranked ``chunk`` captions at a time (bounded memory at any size)."""
+    return recall_from_ranks(*chunked_ranks(split.image_emb, split.text_emb, split.caption_image, chunk))

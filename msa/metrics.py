@@ -26,6 +26,54 @@ def _summary(i2t_hits: dict[int, float], t2i_hits: dict[int, float]) -> dict[str
     return out
 
 
+def ranks(sims: Tensor | np.ndarray, caption_image: Tensor | np.ndarray | Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(i2t_rank, t2i_rank) from a full [N_images, N_captions] score matrix.
+
+    image->text: an image's rank is that of its best-scoring own caption (images without captions are
+    left out); text->image: each caption's rank of its own image among all images. A rank counts the
+    strictly better candidates.
+    """
+    sims = torch.as_tensor(sims)
+    caption_image = _check_index(caption_image, sims.shape[1], sims.device)
+    own = sims[caption_image, torch.arange(sims.shape[1], device=sims.device)]
+    best_own, has_caption = _best_own(own, caption_image, sims.shape[0])
+    return (sims[has_caption] > best_own[has_caption, None]).sum(dim=1), (sims > own).sum(dim=0)
+
+
+def chunked_ranks(
+    image_emb: Tensor, text_emb: Tensor, caption_image: Tensor | Sequence[int], chunk: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """``ranks(image_emb @ text_emb.T, caption_image)`` without the full matrix: at most
+    [N_images, chunk] scores exist at once (two passes over the captions: own scores, then counts).
+
+    Every score is taken from the same chunk product in both passes, so a caption is never compared
+    with a differently rounded copy of its own score; with ``chunk >= N_captions`` it is exactly the
+    unchunked computation.
+    """
+    n_images, n_captions = image_emb.shape[0], text_emb.shape[0]
+    caption_image = _check_index(caption_image, n_captions, image_emb.device)
+    spans = [(s, min(s + chunk, n_captions)) for s in range(0, n_captions, chunk)]
+    own = torch.cat([
+        (image_emb @ text_emb[s:e].T)[caption_image[s:e], torch.arange(e - s, device=image_emb.device)]
+        for s, e in spans
+    ])
+    best_own, has_caption = _best_own(own, caption_image, n_images)
+    i2t = torch.zeros(n_images, dtype=torch.long, device=image_emb.device)
+    t2i = []
+    for s, e in spans:
+        sims = image_emb @ text_emb[s:e].T
+        i2t += (sims > best_own[:, None]).sum(dim=1)
+        t2i.append((sims > own[s:e]).sum(dim=0))
+    return i2t[has_caption], torch.cat(t2i)
+
+
+def recall_from_ranks(i2t_rank: Tensor, t2i_rank: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    def hits(rank: Tensor) -> dict[int, float]:
+        return {k: 100.0 * (rank < k).double().mean().item() for k in ks}
+
+    return _summary(hits(i2t_rank), hits(t2i_rank))
+
+
 def recall_at_k(
     sims: Tensor | np.ndarray,
     caption_image: Tensor | np.ndarray | Sequence[int],
@@ -34,26 +82,21 @@ def recall_at_k(
     """R@K in percent for image->text and text->image retrieval, plus mR (the mean of all of them).
 
     sims: [N_images, N_captions] scores; caption_image: [N_captions] index of each caption's image.
-    image->text: an image's rank is that of its best-scoring own caption; images with no caption are
-    left out of the image->text average (they still compete as text->image candidates).
-    text->image: each caption's rank of its own image among all images.
+    Ranks as in ``ranks``; for splits too large for one matrix use ``chunked_ranks``.
     """
-    sims = torch.as_tensor(sims)
-    caption_image = torch.as_tensor(caption_image, device=sims.device).long()
-    n_images, n_captions = sims.shape
-    if caption_image.shape != (n_captions,):
-        raise ValueError(f"caption_image has shape {tuple(caption_image.shape)}, expected ({n_captions},)")
+    return recall_from_ranks(*ranks(sims, caption_image), ks)
 
-    own = sims[caption_image, torch.arange(n_captions, device=sims.device)]
-    t2i_rank = (sims > own).sum(dim=0)
-    best_own = sims.new_full((n_images,), float("-inf")).scatter_reduce(0, caption_image, own, reduce="amax")
-    has_caption = torch.bincount(caption_image, minlength=n_images) > 0
-    i2t_rank = (sims[has_caption] > best_own[has_caption, None]).sum(dim=1)
 
-    def hits(rank: Tensor) -> dict[int, float]:
-        return {k: 100.0 * (rank < k).double().mean().item() for k in ks}
+def _check_index(caption_image, n_captions: int, device) -> Tensor:
+    index = torch.as_tensor(caption_image, device=device).long()
+    if index.shape != (n_captions,):
+        raise ValueError(f"caption_image has shape {tuple(index.shape)}, expected ({n_captions},)")
+    return index
 
-    return _summary(hits(i2t_rank), hits(t2i_rank))
+
+def _best_own(own: Tensor, caption_image: Tensor, n_images: int) -> tuple[Tensor, Tensor]:
+    best = own.new_full((n_images,), float("-inf")).scatter_reduce(0, caption_image, own, reduce="amax")
+    return best, torch.bincount(caption_image, minlength=n_images) > 0
 
 
 def chance_recall(

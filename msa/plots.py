@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -13,17 +14,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
-def recall_curve(sims: torch.Tensor, caption_image: torch.Tensor, max_k: int = 50) -> dict[str, np.ndarray]:
-    """R@K for K = 1..max_k in both directions (percent), from the same ranks as msa.metrics."""
-    sims = sims.float()
-    n_images = sims.shape[0]
-    own = sims.gather(0, caption_image.view(1, -1)).squeeze(0)
-    t2i_rank = (sims > own.unsqueeze(0)).sum(0)
-    best_own = torch.full((n_images,), float("-inf"), device=sims.device).scatter_reduce(
-        0, caption_image, own, reduce="amax"
-    )
-    i2t_rank = (sims > best_own.unsqueeze(1)).sum(1)
-    ks = torch.arange(1, max_k + 1, device=sims.device)
+def recall_curve(i2t_rank: torch.Tensor, t2i_rank: torch.Tensor, max_k: int = 50) -> dict[str, np.ndarray]:
+    """R@K for K = 1..max_k in both directions (percent), from msa.metrics' ranks."""
+    ks = torch.arange(1, max_k + 1, device=i2t_rank.device)
     return {
         "k": ks.cpu().numpy(),
         "i2t": (i2t_rank.unsqueeze(0) < ks.unsqueeze(1)).float().mean(1).mul(100).cpu().numpy(),
@@ -55,23 +48,26 @@ def plot_recall_curves(
     return path
 
 
+def example_queries(n_captions: int, n_queries: int = 6) -> list[int]:
+    """Caption indices evenly spread over a split, the queries the examples figure shows."""
+    return np.linspace(0, n_captions - 1, num=min(n_queries, n_captions)).astype(int).tolist()
+
+
 def plot_retrieval_examples(
-    sims: torch.Tensor,
-    caption_image: torch.Tensor,
     captions: list[str],
-    images: list[Image.Image],
+    targets: list[int],
+    top: list[list[int]],
+    images: Mapping[int, Image.Image],
     path: str | Path,
-    n_queries: int = 6,
-    top_k: int = 5,
 ) -> Path:
-    """Caption queries (evenly spread) with their top-K images; the right image framed green."""
-    n_captions = sims.shape[1]
-    queries = np.linspace(0, n_captions - 1, num=min(n_queries, n_captions)).astype(int)
-    top = sims.float().topk(min(top_k, sims.shape[0]), dim=0).indices.T.cpu()
-    fig, axes = plt.subplots(len(queries), top.shape[1], figsize=(2.2 * top.shape[1], 2.5 * len(queries)), squeeze=False)
-    for row, q in enumerate(queries):
-        target = int(caption_image[q])
-        for col, image_index in enumerate(top[q].tolist()):
+    """One row per caption query with its top images (indices in ``top``); the right one framed green.
+
+    ``images`` needs only the images that appear in ``top``, so a large split is never held in memory.
+    """
+    width = max(len(row) for row in top)
+    fig, axes = plt.subplots(len(captions), width, figsize=(2.2 * width, 2.5 * len(captions)), squeeze=False)
+    for row, (caption, target, ranked) in enumerate(zip(captions, targets, top)):
+        for col, image_index in enumerate(ranked):
             ax = axes[row, col]
             ax.imshow(images[image_index])
             hit = image_index == target
@@ -81,7 +77,7 @@ def plot_retrieval_examples(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"#{col + 1}" + ("  HIT" if hit else ""), fontsize=8)
-        axes[row, 0].set_title(captions[q][:90], fontsize=8, loc="left")
+        axes[row, 0].set_title(caption[:90], fontsize=8, loc="left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

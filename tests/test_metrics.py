@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.metrics import chance_recall, recall_at_k
+from msa.metrics import chance_recall, chunked_ranks, ranks, recall_at_k, recall_from_ranks
 
 
 def brute_force(sims: np.ndarray, caption_image: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
@@ -113,3 +113,21 @@ def test_chance_recall_exact_values():
     chance = chance_recall(np.repeat(np.arange(4), 2), ks=(1, 8), n_images=5)
     # 8 captions, 2 per described image: P(top-1 is own) = 2/8; K >= 8 always hits. 5 image candidates.
     assert chance == pytest.approx({"i2t_R1": 25.0, "i2t_R8": 100.0, "t2i_R1": 20.0, "t2i_R8": 100.0, "mR": 61.25})
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512, 10_000])
+def test_chunked_ranks_equal_the_full_matrix(chunk):
+    """Random float64 embeddings and small-integer ones (exact products, many ties): identical ranks."""
+    g = torch.Generator().manual_seed(0)
+    caption_image = torch.randint(0, 300, (1500,), generator=g)
+    caption_image[:300] = torch.arange(300)  # every image has a caption ...
+    caption_image[caption_image == 299] = 298  # ... except one, left out of image->text
+    for image_emb, text_emb in (
+        (torch.randn(300, 16, generator=g, dtype=torch.float64), torch.randn(1500, 16, generator=g, dtype=torch.float64)),
+        (torch.randint(-2, 3, (300, 4), generator=g).float(), torch.randint(-2, 3, (1500, 4), generator=g).float()),
+    ):
+        full = ranks(image_emb @ text_emb.T, caption_image)
+        chunked = chunked_ranks(image_emb, text_emb, caption_image, chunk=chunk)
+        assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])
+        assert recall_from_ranks(*chunked) == recall_at_k(image_emb @ text_emb.T, caption_image)
+        assert len(chunked[0]) == 299

@@ -16,8 +16,8 @@ import mlflow
 from msa.config import MSAConfig
 from msa.data import iterate_samples
 from msa.evaluate import EmbeddedSplit, embed_split, evaluate_recall
-from msa.metrics import RECALL_KEYS, chance_recall
-from msa.plots import plot_recall_curves, plot_retrieval_examples, recall_curve
+from msa.metrics import RECALL_KEYS, chance_recall, chunked_ranks
+from msa.plots import example_queries, plot_recall_curves, plot_retrieval_examples, recall_curve
 from msa.runtime import tracking
 from msa.runtime.ray_train import TrainJob, TrainOutcome, run_training
 from msa.runtime.resolver import ResolvedModel, resolve_model
@@ -106,17 +106,19 @@ def evaluate_test(trained: TrainedRun, *, data_uri: str, spec: RunSpec, split: s
 
 
 def _log_figures(trained: TrainedRun, embedded: EmbeddedSplit, urls: list[str], cfg: MSAConfig) -> None:
-    sims = embedded.similarities()
+    """Recall curves and retrieval examples; neither holds the full score matrix nor every image."""
+    i2t_rank, t2i_rank = chunked_ranks(embedded.image_emb, embedded.text_emb, embedded.caption_image)
+    queries = example_queries(len(embedded.captions))
+    scores = embedded.image_emb @ embedded.text_emb[queries].T
+    top = scores.topk(min(5, scores.shape[0]), dim=0).indices.T.tolist()
+    needed = {i for row in top for i in row}
+    images = {i: s.image.convert("RGB") for i, s in enumerate(iterate_samples(urls)) if i in needed}
     with tempfile.TemporaryDirectory() as tmp:
-        curve = plot_recall_curves(
-            recall_curve(sims, embedded.caption_image),
-            trained.history,
-            Path(tmp) / "recall_curves.png",
-            title=cfg.preset,
-        )
-        images = [s.image.convert("RGB") for s in iterate_samples(urls)]
+        curve = plot_recall_curves(recall_curve(i2t_rank, t2i_rank), trained.history,
+                                   Path(tmp) / "recall_curves.png", title=cfg.preset)
         examples = plot_retrieval_examples(
-            sims, embedded.caption_image, embedded.captions, images, Path(tmp) / "retrieval_examples.png"
+            [embedded.captions[q] for q in queries], [int(embedded.caption_image[q]) for q in queries], top, images,
+            Path(tmp) / "retrieval_examples.png",
         )
         for path in (curve, examples):
             tracking.log_artifact(trained.run_id, path, "figures")
