@@ -3,9 +3,9 @@
 The public API below is imported lazily (PEP 562), so ``import msa`` and the command line's
 ``--help`` stay fast; ``from msa import MSAModel`` loads torch only then.
 
-Floors (checked by import-linter, see pyproject.toml): this package's core modules use torch, timm
-and transformers only; ``msa.runtime`` adds Ray, MLflow and the shard store; ``msa.retrieval`` and
-``msa.bench`` sit beside it; ``flows`` (Prefect, the command line) sits on top.
+Floors (checked by import-linter, see pyproject.toml): this package's core modules use torch, timm,
+transformers and open_clip only; ``msa.runtime`` adds Ray, MLflow and the shard store; ``msa.retrieval``
+and ``msa.bench`` sit beside it; ``flows`` (Prefect, the command line) sits on top.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ imports it.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import types
-from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -63,6 +63,12 @@ NonNegativeFloat = Annotated[Float, Field(ge=0)]
 Fraction = Annotated[Float, Field(ge=0, lt=1)]
 Name = Annotated[str, Field(min_length=1)]
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's normalisation, which every open_clip checkpoint of the CLIP presets was trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -77,6 +83,10 @@ class ImageConfig(_Section):
     weights: Name | None = "hub"
     fallback_random: bool = False
     size: Int = Field(224, ge=16)
+    # Normalisation and resize filter; a pretrained tower needs the ones its weights were trained with.
+    mean: Annotated[tuple[Float, Float, Float], BeforeValidator(_as_tuple)] = IMAGENET_MEAN
+    std: Annotated[tuple[PositiveFloat, PositiveFloat, PositiveFloat], BeforeValidator(_as_tuple)] = IMAGENET_STD
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
 
 class TextConfig(_Section):
@@ -88,6 +98,26 @@ class TextConfig(_Section):
     config_overrides: dict[str, Any] = Field(default_factory=dict)  # passed to the transformers config
     fallback_random: bool = False
     max_tokens: Int = Field(31, ge=2)
+
+
+class ClipConfig(_Section):
+    """open_clip towers (msa/clip.py) in place of the timm CNN and the BERT, when ``arch`` or ``model_cfg`` is set.
+
+    Then both towers are CLIP's and ``image.backbone/weights/fallback_random`` and ``text.model/weights/
+    tokenizer/config_overrides/fallback_random`` are unused (the CLIP presets set the names to
+    ``open_clip:<arch>`` labels); ``image.size/mean/std/interpolation`` and ``text.max_tokens`` still apply.
+    """
+
+    arch: Name | None = None  # an open_clip model name, e.g. "ViT-B-32"; also names the tokenizer
+    # A local open_clip state dict (RemoteCLIP / GeoRSCLIP files included); checked when the model is built.
+    checkpoint: Name | None = None
+    random_init: bool = False  # with no checkpoint: random towers, only when asked for (tests)
+    model_cfg: dict[str, Any] = Field(default_factory=dict)  # explicit open_clip config; replaces arch's
+    scales: Int = Field(4, ge=1)  # K image scales fed to MSCMAT
+
+    @property
+    def enabled(self) -> bool:
+        return self.arch is not None or bool(self.model_cfg)
 
 
 class MSCMATConfig(_Section):
@@ -137,6 +167,7 @@ class MSAConfig(_Section):
     preset: Name
     image: ImageConfig = Field(default_factory=ImageConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
     mscmat: MSCMATConfig = Field(default_factory=MSCMATConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -161,7 +192,7 @@ class MSAConfig(_Section):
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MSAConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> MSAConfig:
         """Validate a dict as ``to_dict`` wrote it (or a checkpoint's); raises ConfigError."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a mapping of sections, got {_show(data)}")
@@ -209,7 +240,8 @@ def _allowed(tp: Any, metadata: Any = ()) -> str:
     if tp is str:
         non_empty = any(getattr(s, "min_length", None) for m in metadata for s in getattr(m, "metadata", None) or [m])
         return "a non-empty string" if non_empty else "a string"
-    base = {bool: "true or false", int: "an integer", float: "a finite number"}.get(tp, getattr(tp, "__name__", str(tp)))
+    words = {bool: "true or false", int: "an integer", float: "a finite number"}
+    base = words.get(tp, getattr(tp, "__name__", str(tp)))
     return " ".join([base, " and ".join(_bounds(metadata))]).strip()
 
 
@@ -233,6 +265,22 @@ def _explain(exc: ValidationError, data: Mapping[str, Any]) -> str:
         given = given.get(loc[1]) if isinstance(given, Mapping) else getattr(given, loc[1], None)
     allowed = _allowed(info.annotation, info.metadata) if info is not None else err["msg"]
     return f"{dotted}={_show(given)}: must be {allowed}"
+
+
+def _clip_preset(name: str, arch: str) -> MSAConfig:
+    """Fine-tuning a pretrained open_clip model: its own preprocessing and 77-token context, a small lr."""
+    label = f"open_clip:{arch}"
+    return MSAConfig(
+        preset=name,
+        image=ImageConfig(
+            backbone=label, weights=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic"
+        ),
+        text=TextConfig(model=label, weights=None, max_tokens=77),
+        clip=ClipConfig(arch=arch),
+        mscmat=MSCMATConfig(num_heads=8),  # divides every CLIP embedding width (512, 768, 1024)
+        optim=OptimConfig(lr=5e-6),
+        train=TrainConfig(batch_size=128, epochs=10),
+    )
 
 
 _TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256}
@@ -261,6 +309,10 @@ PRESETS: dict[str, MSAConfig] = {
         optim=OptimConfig(lr=1e-4, weight_decay=0.05),
         train=TrainConfig(batch_size=32, epochs=10, eval_batch_size=128),
     ),
+    # open_clip towers; weights come only from a local file: clip.checkpoint=PATH (README, "CLIP towers").
+    "clip-vit-b32": _clip_preset("clip-vit-b32", "ViT-B-32"),
+    "clip-vit-l14": _clip_preset("clip-vit-l14", "ViT-L-14"),
+    "clip-rn50": _clip_preset("clip-rn50", "RN50"),
 }
 
 

@@ -13,8 +13,8 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,33 +22,49 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from msa.config import IMAGENET_MEAN, IMAGENET_STD, MSAConfig
 from msa.encoders import tokenize
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "tif", "tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 class ImageTransform:
-    """Resize the shorter side to ``size``, centre-crop square, ImageNet-normalise (spec section 4).
+    """Resize the shorter side to ``size``, centre-crop square, normalise (spec section 4: ImageNet, bilinear).
 
     The crop is a no-op on the square images of every supported corpus; it only makes odd
-    shapes batchable. No augmentation: train and test use the same transform.
+    shapes batchable. No augmentation: train and test use the same transform. A pretrained tower
+    needs its own statistics and filter (CLIP: bicubic, CLIP mean/std): see ``from_config``.
     """
 
-    def __init__(self, size: int):
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+    ):
         self.size = size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.resample = _RESAMPLE[interpolation]
+
+    @classmethod
+    def from_config(cls, cfg: MSAConfig) -> ImageTransform:
+        """The transform a config's image section describes (size, mean, std, interpolation)."""
+        image = cfg.image
+        return cls(image.size, image.mean, image.std, image.interpolation)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         w, h = image.size
-        scale = self.size / min(w, h)
         if (w, h) != (self.size, self.size):
-            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BILINEAR)
-            w, h = image.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
+            # torchvision's Resize(size) + CenterCrop(size) arithmetic (truncated long side, rounded offsets),
+            # so open_clip's preprocessing is matched on any shape, not only on square images.
+            long = int(self.size * max(w, h) / min(w, h))
+            w, h = (self.size, long) if w <= h else (long, self.size)
+            image = image.resize((w, h), self.resample)
+            left, top = int(round((w - self.size) / 2.0)), int(round((h - self.size) / 2.0))
             image = image.crop((left, top, left + self.size, top + self.size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (pixels - self.mean) / self.std

@@ -37,7 +37,7 @@ from .pretrained import (
 if TYPE_CHECKING:
     from msa.config import MSAConfig
 
-__all__ = ["ImageEncoder", "TextEncoder", "build_tokenizer", "tokenize", "LITE0_PACKAGE_WEIGHTS"]
+__all__ = ["ImageEncoder", "TextEncoder", "build_towers", "build_tokenizer", "tokenize", "LITE0_PACKAGE_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,11 +288,53 @@ class TextEncoder(nn.Module):
         return hidden[:, 0], hidden[:, 1:]
 
 
-def build_tokenizer(source: "str | MSAConfig") -> PreTrainedTokenizerBase:
-    """A fast tokenizer from a resolved config (its ``text.tokenizer``, else ``text.model``), a hub name,
-    a local directory or "packaged:all-minilm-l6-v2"."""
+# ---------------------------------------------------------------------------------- the factories
+
+_OPEN_CLIP = "open_clip:"
+
+
+def build_towers(cfg: MSAConfig) -> tuple[nn.Module, nn.Module]:
+    """(text, image) towers for ``cfg``: open_clip's when ``clip.arch`` or ``clip.model_cfg`` is set, else
+    the BERT-family transformer and the timm CNN (whose embedding width is the text hidden size)."""
+    if cfg.clip.enabled:
+        from msa.clip import build_clip_towers  # imports open_clip only for CLIP configs
+
+        return build_clip_towers(cfg)
+    text = TextEncoder(
+        cfg.text.model,
+        weights=cfg.text.weights,
+        config_overrides=cfg.text.config_overrides,
+        fallback_random=cfg.text.fallback_random,
+    )
+    image = ImageEncoder(
+        cfg.image.backbone, text.hidden_size, weights=cfg.image.weights, fallback_random=cfg.image.fallback_random
+    )
+    return text, image
+
+
+def _clip_tokenizer(arch: str | None):
+    from msa.clip import ClipTokenizer
+
+    return ClipTokenizer(arch)
+
+
+def build_tokenizer(source: str | MSAConfig):
+    """The captions' tokenizer, from a resolved config, a hub name, a local directory, "packaged:all-minilm-l6-v2"
+    or "open_clip:<arch>".
+
+    A config's is open_clip's for a CLIP config, else its ``text.tokenizer`` (default ``text.model``), a fast
+    HF tokenizer. A directory holds either; CLIP's is the JSON ``ClipTokenizer.save_pretrained`` wrote.
+    """
     if not isinstance(source, str):
+        if source.clip.enabled:
+            return _clip_tokenizer(source.clip.arch)
         source = source.text.tokenizer or source.text.model
+    if source.startswith(_OPEN_CLIP):
+        return _clip_tokenizer(source.removeprefix(_OPEN_CLIP))
+    if Path(source, "open_clip_tokenizer.json").is_file():  # ClipTokenizer.FILE
+        from msa.clip import ClipTokenizer
+
+        return ClipTokenizer.from_directory(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(_text_source(source))
     except OSError as e:
@@ -306,7 +348,11 @@ def build_tokenizer(source: "str | MSAConfig") -> PreTrainedTokenizerBase:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_tokens: int = 31) -> tuple[Tensor, Tensor]:
-    """Captions -> (input_ids, attention_mask) [N, max_tokens], long: [CLS] pieces [SEP] [PAD]..."""
+    """Captions -> (input_ids, attention_mask) [N, max_tokens], long: [CLS] pieces [SEP] [PAD]...
+
+    (open_clip's tokenizer: <sot> pieces <eot> then zeros; the mask is 1 up to and including <eot>.)"""
+    if hasattr(tokenizer, "ids_and_mask"):
+        return tokenizer.ids_and_mask(captions, max_tokens)
     encoded = tokenizer(
         list(captions),
         padding="max_length",

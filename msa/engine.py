@@ -201,7 +201,7 @@ def fit(
         if dist.rank == 0:
             log(f"[msa] resumed from epoch {state['epoch']} checkpoint")
 
-    transform = ImageTransform(cfg.image.size)
+    transform = ImageTransform.from_config(cfg)
     dataset = PairBatches(
         plan.train_urls,
         transform=transform,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msa.config import MSAConfig
-from msa.encoders import ImageEncoder, TextEncoder
+from msa.encoders import build_towers
 from msa.mscmat import MSCMAT
 
 
@@ -23,16 +23,8 @@ class MSAOutput:
 class MSAModel(nn.Module):
     def __init__(self, cfg: MSAConfig):
         super().__init__()
-        self.text = TextEncoder(
-            cfg.text.model,
-            weights=cfg.text.weights,
-            config_overrides=cfg.text.config_overrides,
-            fallback_random=cfg.text.fallback_random,
-        )
+        self.text, self.image = build_towers(cfg)  # BERT + timm CNN, or open_clip's towers (msa/clip.py)
         dim = self.text.hidden_size
-        self.image = ImageEncoder(
-            cfg.image.backbone, dim, weights=cfg.image.weights, fallback_random=cfg.image.fallback_random
-        )
         self.mscmat = MSCMAT(self.image.stage_dims, d_model=dim, num_heads=cfg.mscmat.num_heads)
         self.use_padding_mask = cfg.mscmat.key_padding_mask
 

@@ -25,9 +25,11 @@ from msa.config import (
 
 PAPER = {
     "preset": "paper",
-    "image": {"backbone": "resnet50.tv_in1k", "weights": "hub", "fallback_random": False, "size": 224},
+    "image": {"backbone": "resnet50.tv_in1k", "weights": "hub", "fallback_random": False, "size": 224,
+              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
     "text": {"model": "bert-base-uncased", "weights": "pretrained", "tokenizer": None, "config_overrides": {},
              "fallback_random": False, "max_tokens": 31},
+    "clip": {"arch": None, "checkpoint": None, "random_init": False, "model_cfg": {}, "scales": 4},
     "mscmat": {"num_heads": 12, "key_padding_mask": False},
     "loss": {"w_align": 15.0, "w_cons": 10.0, "margin": 0.5, "cons_temperature": 2.0, "align_temperature": None,
              "align_both_directions": False, "mask_same_image": False, "triplet_reduction": "sum",
@@ -37,6 +39,8 @@ PAPER = {
               "loader_workers": 1, "bf16": True, "keep_checkpoints": 2},
 }
 
+CLIP_IMAGE = {"weights": None, "size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
+              "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic"}
 TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256}
 
 
@@ -66,11 +70,23 @@ EXPECTED = {
         optim={"lr": 1e-4, "weight_decay": 0.05},
         train={"batch_size": 32, "epochs": 10, "eval_batch_size": 128},
     ),
+    **{
+        name: _with(
+            {**PAPER, "preset": name},
+            image={**CLIP_IMAGE, "backbone": f"open_clip:{arch}"},
+            text={"model": f"open_clip:{arch}", "weights": None, "max_tokens": 77},
+            clip={"arch": arch},
+            mscmat={"num_heads": 8},
+            optim={"lr": 5e-6},
+            train={"batch_size": 128, "epochs": 10},
+        )
+        for name, arch in (("clip-vit-b32", "ViT-B-32"), ("clip-vit-l14", "ViT-L-14"), ("clip-rn50", "RN50"))
+    },
 }
 
 
-def test_presets_are_the_three_known_ones() -> None:
-    assert sorted(PRESETS) == ["paper", "pretrained-lite", "small"]
+def test_presets_are_the_known_ones() -> None:
+    assert sorted(PRESETS) == ["clip-rn50", "clip-vit-b32", "clip-vit-l14", "paper", "pretrained-lite", "small"]
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
@@ -175,10 +191,14 @@ def test_bad_overrides_raise_one_line(override: str, key: str) -> None:
         ("train.val_fraction=1.0", "train.val_fraction=1.0: must be a finite number >= 0 and < 1"),
         ("optim.betas=[0.9, 0.99, 0.5]",
          "optim.betas=[0.9, 0.99, 0.5]: must be a list of 2 items, each a finite number >= 0 and < 1"),
+        ("image.interpolation=nearest", "image.interpolation='nearest': must be one of 'bilinear', 'bicubic'"),
+        ("image.std=[0.2, 0.2, 0]", "image.std=[0.2, 0.2, 0]: must be a list of 3 items, each a finite number > 0"),
+        ("clip.scales=0", "clip.scales=0: must be an integer >= 1"),
+        ("clip.model_cfg=3", "clip.model_cfg=3: must be a mapping with string keys"),
         ("train.bogus=1", "train.bogus: unknown config key; valid keys in train: batch_size, epochs, seed, "
                           "val_fraction, eval_batch_size, loader_workers, bf16, keep_checkpoints"),
         ("bogus.x=1", "bogus.x: unknown config key; keys look like section.key (e.g. train.epochs), "
-                      "sections: image, text, mscmat, loss, optim, train"),
+                      "sections: image, text, clip, mscmat, loss, optim, train"),
     ],
 )
 def test_error_messages(override: str, message: str) -> None:
@@ -195,7 +215,9 @@ def test_missing_equals_message() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError) as info:
         resolve_config("x")
-    assert str(info.value) == "unknown preset 'x'; choose one of paper, pretrained-lite, small"
+    assert str(info.value) == (
+        "unknown preset 'x'; choose one of clip-rn50, clip-vit-b32, clip-vit-l14, paper, pretrained-lite, small"
+    )
 
 
 def test_mapping_overrides_are_validated_too() -> None:

@@ -21,7 +21,8 @@ def uneven_shards(tmp_path_factory) -> str:
     """27 train images in shards of 4 (the last one short): ranks see different sample counts."""
     root = tmp_path_factory.mktemp("data")
     annotations = generate_corpus(root / "corpus", splits={"train": 27, "test": 6}, image_size=32, seed=3)
-    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=4, progress=False)
+    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=4,
+                 progress=False)
     return str(root / "shards")
 
 
@@ -110,4 +111,5 @@ def test_image_transform_resizes_shorter_side_crops_and_normalises():
 
 def test_pipeline_rejects_an_epoch_with_no_full_batch(uneven_shards, tokenizer):
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        PairBatches([], transform=ImageTransform(32), tokenizer=tokenizer, max_tokens=31, batch_size=8, steps_per_epoch=0)
+        PairBatches([], transform=ImageTransform(32), tokenizer=tokenizer, max_tokens=31, batch_size=8,
+                    steps_per_epoch=0)

@@ -43,7 +43,7 @@ class ResolvedModel:
     transform: ImageTransform = field(init=False)
 
     def __post_init__(self) -> None:
-        self.transform = ImageTransform(self.cfg.image.size)
+        self.transform = ImageTransform.from_config(self.cfg)
 
     @property
     def embed_dim(self) -> int:
