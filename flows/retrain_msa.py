@@ -57,6 +57,7 @@ def retrain_msa(
     unchanged. Returns what happened and why.
     """
     log = get_run_logger()
+    margin = registry.check_margin(margin)  # a bad margin fails here, not after a whole training run
     cfg: MSAConfig = resolve_config(preset, {**(overrides or {}),
                                              **({"train.epochs": epochs} if epochs is not None else {})})
     spec = RunSpec(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -495,12 +494,13 @@ def test_mlflow_registry_uri_is_resolved_and_pinned(world, tmp_path, monkeypatch
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from msa.encoders import build_tokenizer
-    from msa.runtime.serving import log_pyfunc_model
+    import pandas as pd
+    import yaml
+    from PIL import Image
 
-    # Explicit requirements skip MLflow's requirement inference, a subprocess that re-imports the model
-    # (minutes on two busy cores); what is logged is otherwise msa.runtime.serving's model, unchanged.
-    monkeypatch.setattr(mlflow.pyfunc, "log_model", functools.partial(mlflow.pyfunc.log_model, pip_requirements=["torch"]))
+    from msa.encoders import build_tokenizer
+    from msa.runtime.serving import log_pyfunc_model, pip_requirements
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     mlflow.set_tracking_uri(store)
@@ -509,6 +509,25 @@ def test_mlflow_registry_uri_is_resolved_and_pinned(world, tmp_path, monkeypatch
     build_tokenizer(world["model"].cfg.text.model).save_pretrained(tokenizer_dir)
     with mlflow.start_run(experiment_id=experiment):
         uri = log_pyfunc_model(world["checkpoint"], tokenizer_dir, world["model"].embed_dim)
+    # Logged as code with pinned requirements: no pickled model, no requirement inference (~17 s).
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "logged")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "model_code_path" in flavor and "python_model" not in flavor, flavor
+    assert not list(local.glob("python_model.pkl*"))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == pip_requirements()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "transformers", "timm", "pillow"}
+    # The pyfunc predicts L2-normalised float32 embeddings, text and image rows alike, equal to the model's.
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    captions = [world["index"].captions[5], world["index"].captions[9]]
+    image_bytes = world["image_file"].read_bytes()
+    emb = pyfunc.predict(pd.DataFrame({"text": [captions[0], None, captions[1]], "image": [None, image_bytes, None]}))
+    assert emb.dtype == np.float32 and emb.shape == (3, world["model"].embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb[[0, 2]], _text(world["model"], captions)[0].numpy(), atol=1e-5)
+    with torch.no_grad():
+        pixels = world["model"].transform(Image.open(world["image_file"]))[None]
+        np.testing.assert_allclose(emb[1], world["model"].model.encode_image(pixels)[0][0].numpy(), atol=1e-5)
     version = mlflow.register_model(uri, "msa-retrieval").version
     MlflowClient().set_registered_model_alias("msa-retrieval", "champion", version)
 

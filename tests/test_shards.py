@@ -194,6 +194,86 @@ def test_invalid_json_and_schema_are_fatal(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# truncated images: one fixture per image check, each refused with a reason naming its problem
+
+
+def _noisy_bytes(ext: str, size: int = 64, seed: int = 5) -> bytes:
+    """A noise image: pixel (scan) data is most of the file, so a cut at 90% lands inside it."""
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, FORMATS[ext], **({"quality": 90} if ext == "jpg" else {}))
+    return buf.getvalue()
+
+
+def _truncated_images() -> dict[str, tuple[bytes, str]]:
+    """filename -> (bytes, the start of the reason the report must give)."""
+    jpg, png, tif = _noisy_bytes("jpg"), _noisy_bytes("png"), _noisy_bytes("tif")
+    sos = jpg.index(b"\xff\xda")  # start of scan; its segment ends where the entropy-coded data begins
+    scan_data = sos + 2 + int.from_bytes(jpg[sos + 2:sos + 4], "big")
+    dqt = jpg.index(b"\xff\xdb")  # first quantisation table segment (67 bytes for 8-bit tables)
+    jpg_cut = int(len(jpg) * 0.9)
+    assert jpg.endswith(b"\xff\xd9") and dqt + 10 < sos and scan_data < jpg_cut < len(jpg) - 2
+    idat = png.index(b"IDAT") - 4  # chunk start: length, type, data, crc
+    idat_len = int.from_bytes(png[idat:idat + 4], "big")
+    png_cut = idat + 8 + idat_len // 2
+    assert png.endswith(b"\x00\x00\x00\x00IEND\xaeB`\x82") and idat_len > 1000
+    assert tif[:4] == b"II*\x00"
+    return {
+        "jpg-cut-in-header.jpg": (jpg[:dqt + 10], "truncated JPEG (marker segment runs past the end)"),
+        "jpg-cut-mid-scan.jpg": (jpg[:jpg_cut], "truncated JPEG (no end-of-image marker)"),
+        "jpg-no-eoi.jpg": (jpg[:-2], "truncated JPEG (no end-of-image marker)"),
+        "png-cut-mid-idat.png": (png[:png_cut], "truncated PNG (IDAT chunk runs past the end)"),
+        "png-no-iend.png": (png[:-12], "truncated PNG (no IEND chunk)"),
+        "tif-cut-mid-strip.tif": (tif[:int(len(tif) * 0.9)], "truncated TIFF (OSError: image file is truncated"),
+        "tif-cut-in-header.tif": (tif[:6], "truncated or corrupt TIFF (its header cannot be read)"),
+    }
+
+
+def _truncated_corpus(root: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The intact noise images (train) and every truncated variant (train, val, test in turn)."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i, ext in enumerate(("jpg", "png", "tif")):
+        (images / f"intact-{ext}.{ext}").write_bytes(_noisy_bytes(ext))
+        records.append(_record(i, f"intact-{ext}.{ext}"))
+    expected = {}
+    for i, (name, (data, reason)) in enumerate(sorted(_truncated_images().items())):
+        (images / name).write_bytes(data)
+        records.append(_record(10 + i, name, ("train", "val", "test")[i % 3]))
+        expected[name] = reason
+    ann = root / "dataset_synth.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "synth"}))
+    return ann, images, expected
+
+
+@pytest.mark.parametrize("mode", [[], ["--full-decode"], ["--check-leaks"]], ids=["fast", "full-decode", "leaks"])
+def test_truncated_images_are_quarantined_or_refused_with_their_reason(tmp_path, capsys, mode):
+    ann, images, expected = _truncated_corpus(tmp_path)
+    argv = ["shard", str(ann), "--images", str(images), "--no-progress", *mode]
+
+    # --on-error fail: refused, every file named with its reason, nothing written
+    assert cli.main(argv + ["--out", str(tmp_path / "refused")]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    for name, reason in expected.items():
+        assert f"{name}: {reason}" in err, (name, err)
+    assert "intact-" not in err
+    assert not (tmp_path / "refused").exists()
+
+    # --on-error skip: exactly the truncated files are quarantined, each with its reason
+    out = tmp_path / "skipped"
+    assert cli.main(argv + ["--out", str(out), "--on-error", "skip"]) == cli.EXIT_OK
+    capsys.readouterr()
+    m = read_manifest(str(out))
+    got = {q.source: q.reason for q in m.quarantine}
+    assert set(got) == set(expected)
+    for name, reason in expected.items():
+        assert got[name].startswith(reason), (name, got[name])
+    assert {s: i.images for s, i in m.splits.items()} == {"train": 3}  # the intact originals pass every check
+    assert verify_shards(str(out)).ok
+
+
+# --------------------------------------------------------------------------------------------------
 # readers
 
 
@@ -444,6 +524,53 @@ def test_verify_detects_corrupt_missing_and_extra_shards(tmp_path, capsys):
     empty.mkdir()
     rep = verify_shards(str(empty))
     assert not rep.ok and "no manifest" in rep.problems[0]
+
+
+def _edit_manifest(out: Path, edit) -> None:
+    doc = json.loads((out / "manifest.json").read_text())
+    edit(doc)
+    (out / "manifest.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def _drop_last_train_shard(out: Path):
+    """Remove the last training shard from the set and from its listing, counts and sizes.json, so
+    that only the dataset digest still tells: the listing is no longer the one that was written."""
+    def edit(doc):
+        dropped = doc["splits"]["train"]["shards"].pop()
+        doc["splits"]["train"]["images"] -= dropped["samples"]
+        (out / dropped["name"]).unlink()
+        sizes = json.loads((out / "sizes.json").read_text())
+        del sizes[dropped["name"]]
+        (out / "sizes.json").write_text(json.dumps(sizes))
+    return edit
+
+
+def _swap_digest(doc):
+    doc["digest"] = hashlib.sha256(b"another shard set").hexdigest()
+
+
+@pytest.mark.parametrize("edit", ["digest", "shard-list"])
+def test_edited_manifest_is_refused_by_verify_and_by_training(tmp_path, capsys, edit):
+    from msa.runtime.datasets import verify_dataset
+
+    ann, images, _ = _good_corpus(tmp_path)
+    out = tmp_path / "out"
+    _write(ann, images, out, shard_size=2)
+    assert cli.main(["shard", "verify", str(out)]) == cli.EXIT_OK
+    assert verify_dataset(str(out)) == read_manifest(str(out)).digest
+    capsys.readouterr()
+
+    _edit_manifest(out, _swap_digest if edit == "digest" else _drop_last_train_shard(out))
+    rep = verify_shards(str(out))
+    assert not rep.ok
+    # nothing but the digest gives the edit away: every listed shard is present and intact
+    assert rep.problems == ["manifest.json: dataset digest does not match its shard list"]
+    assert not rep.missing and not rep.corrupt and not rep.extra
+    assert cli.main(["shard", "verify", str(out)]) == cli.EXIT_STORAGE
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "manifest.json: dataset digest does not match its shard list" in err
+    with pytest.raises(ValueError, match=r"failed verification: manifest.json: dataset digest does not match"):
+        verify_dataset(str(out))
 
 
 # --------------------------------------------------------------------------------------------------

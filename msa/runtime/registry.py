@@ -268,6 +268,26 @@ class PromotionDecision:
         return asdict(self)
 
 
+def check_margin(margin: float) -> float:
+    """``margin`` as a float; ValueError when it is negative or NaN. A negative margin would read as
+    "promote a slightly worse candidate", which the rule never does (the candidate must be strictly
+    better), so it is refused rather than silently treated as 0."""
+    margin = float(margin)
+    if not margin >= 0:
+        raise ValueError(f"promotion margin must be >= 0 mR points, got {margin}")
+    return margin
+
+
+def beats_champion(candidate_mR: float, champion_mR: float | None, margin: float = 0.0) -> bool:
+    """The promotion rule: True when there is no champion (``champion_mR`` None), or when the
+    candidate's mR is strictly higher than the champion's AND higher by at least ``margin`` points.
+    Equal figures never promote, whatever the margin; exactly ``margin`` better promotes."""
+    margin = check_margin(margin)
+    if champion_mR is None:
+        return True
+    return candidate_mR > champion_mR and candidate_mR - champion_mR >= margin
+
+
 def _resolve_data(candidate: str, model_name: str, data_uri: str | None, digest: str | None) -> tuple[str, str]:
     """(data_uri, digest): the digest defaults to the candidate's tag, the URI to its training run's."""
     mv = MlflowClient().get_model_version(model_name, candidate)
@@ -301,13 +321,15 @@ def promote(
 
     Both models are evaluated on the test split of the shard set at ``data_uri`` whose dataset digest
     must equal ``digest`` (default: the candidate's ``dataset_digest`` tag; default URI: the
-    candidate's training run's ``data_uri``). The candidate is promoted when there is no champion, or
-    when ``candidate_mR > champion_mR`` and ``candidate_mR - champion_mR >= margin`` (mR in percent
-    points). ``on_evaluated(champion_seen)`` is called after each evaluation, before the commit (tests
-    use it to line two promotions up).
+    candidate's training run's ``data_uri``). The candidate is promoted when ``beats_champion``: there
+    is no champion, or ``candidate_mR > champion_mR`` and ``candidate_mR - champion_mR >= margin`` (mR
+    in percent points; a negative margin is refused before anything is evaluated).
+    ``on_evaluated(champion_seen)`` is called after each evaluation, before the commit (tests use it to
+    line two promotions up).
     """
     from msa.runtime.datasets import verify_dataset
 
+    margin = check_margin(margin)
     c = client(mlflow_uri)
     candidate = str(candidate) if candidate is not None else latest_version(model_name)
     if candidate is None:
@@ -339,10 +361,9 @@ def promote(
             on_evaluated(seen)
         if seen == candidate:
             decision, reason = ALREADY_CHAMPION, f"v{candidate} is already the champion"
-        elif seen is None:
-            decision, reason = PROMOTED, "no champion yet: the first candidate is promoted"
-        elif cand["mR"] > champ["mR"] and cand["mR"] - champ["mR"] >= margin:
+        elif beats_champion(cand["mR"], None if champ is None else champ["mR"], margin):
             decision, reason = PROMOTED, (
+                "no champion yet: the first candidate is promoted" if champ is None else
                 f"mR {cand['mR']:.2f} beats champion v{seen}'s {champ['mR']:.2f} by "
                 f"{cand['mR'] - champ['mR']:.2f} >= margin {margin}"
             )

@@ -3,19 +3,32 @@
 Input is a DataFrame with a ``text`` column (captions) and/or an ``image`` column (encoded image
 bytes); each row is embedded by whichever it has (text wins when both are set). Output is an
 [N, D] float32 array of L2-normalised embeddings in the shared retrieval space.
+
+The model is logged as code (MLflow models-from-code): ``serving_model.py`` is stored with the model
+and builds an ``MSAEmbedder`` when loaded, so nothing is pickled; the weights travel as the
+``checkpoint`` artifact (a plain-data checkpoint, loaded with ``weights_only=True``) and the
+tokenizer as the ``tokenizer`` artifact. Requirements are pinned from the installed versions
+(``pip_requirements()``), so logging spends no time inferring them.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 _ROOT = Path(__file__).resolve().parents[2]
+MODEL_CODE = Path(__file__).resolve().with_name("serving_model.py")  # the file MLflow logs and runs
 CHECKPOINT_ARTIFACT = "checkpoint"
 TOKENIZER_ARTIFACT = "tokenizer"
+# What the served model imports (distribution names); pinned to the installed versions when logged.
+REQUIREMENTS = ("torch", "torchvision", "timm", "transformers", "open-clip-torch", "pillow", "numpy", "pandas",
+                "mlflow")
 
 
 class MSAEmbedder(mlflow.pyfunc.PythonModel):
@@ -29,7 +42,7 @@ class MSAEmbedder(mlflow.pyfunc.PythonModel):
         self.model, self.cfg, self.tokenizer, self.transform = loaded.model, loaded.cfg, loaded.tokenizer, loaded.transform
         self.torch = torch
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from PIL import Image
 
         from msa.encoders import tokenize
@@ -67,13 +80,30 @@ def signature(dim: int):
     )
 
 
+def pip_requirements() -> list[str]:
+    """``name==version`` for each installed distribution of REQUIREMENTS (local labels such as
+    ``+cu130`` dropped: they are not on PyPI); ones not installed are left out."""
+    pins = []
+    for dist in REQUIREMENTS:
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{dist}=={version.split('+', 1)[0]}")
+    return pins
+
+
 def log_pyfunc_model(checkpoint_dir: str | Path, tokenizer_dir: str | Path, dim: int, name: str = "model") -> str:
     """Log under the active run; returns the model URI (models:/m-... in MLflow 3)."""
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=MSAEmbedder(),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
-        code_paths=[str(_ROOT / "msa"), str(_ROOT / "shards")],  # the model loads through msa.runtime.resolver
-        signature=signature(dim),
-    )
+    with warnings.catch_warnings():
+        # The signature is explicit on purpose (an input example would mean running the model).
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),  # models-from-code: the file is stored and run at load, nothing pickled
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
+            code_paths=[str(_ROOT / "msa"), str(_ROOT / "shards")],  # loaded through msa.runtime.resolver
+            signature=signature(dim),
+            pip_requirements=pip_requirements(),
+        )
     return info.model_uri

@@ -67,14 +67,26 @@ def read_file(path: str) -> bytes:
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF_FAST = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive Huffman: what Pillow decodes
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 def _check_jpeg(data: bytes) -> tuple[int, int] | str | None:
-    """Walk a JPEG's marker segments up to the first scan, as Pillow's header parser does, and check
-    the end-of-image marker. Returns (width, height), a problem, or None to defer to Pillow."""
-    n = len(data)
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+    """Walk a JPEG's marker segments up to the first scan, as Pillow's header parser does, then check
+    the end-of-image marker (what catches a file cut inside its scan data). Returns (width, height),
+    a problem, or None to defer to Pillow (which checks the end-of-image marker too)."""
+    header = _jpeg_header(data)
+    if isinstance(header, tuple) and not _has_jpeg_eoi(data):
         return "truncated JPEG (no end-of-image marker)"
+    return header
+
+
+def _has_jpeg_eoi(data: bytes) -> bool:
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int] | str | None:
+    """(width, height) from the marker segments before the first scan, a problem, or None."""
+    n = len(data)
     i, size = 2, None
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -110,7 +122,7 @@ def _check_png(data: bytes) -> tuple[int, int] | str:
         ctype = data[i + 4:i + 8]
         end = i + 12 + length
         if end > n:
-            return f"truncated PNG (chunk {ctype!r} runs past the end)"
+            return f"truncated PNG ({ctype.decode('latin-1')} chunk runs past the end)"
         if zlib.crc32(data[i + 4:i + 8 + length]) != int.from_bytes(data[end - 4:end], "big"):
             return f"undecodable image (PNG chunk {ctype.decode('latin-1')} has a bad CRC)"
         if ctype == b"IHDR" and length >= 8:
@@ -127,7 +139,8 @@ def inspect_image(path: str, want_ahash: bool = False, full_decode: bool = False
     JPEG: marker segments up to the first scan and the end-of-image marker; PNG: every chunk's CRC
     through IEND (both parsed here, as Pillow's header parser / verify() would, at a fraction of
     the cost); TIFF and anything unusual: opened and fully decoded by Pillow. ``full_decode`` (and
-    ``want_ahash``) decode every pixel of every image. ``keep_data`` returns the bytes in
+    ``want_ahash``) decode every pixel of every image as well, after the same structural checks (so
+    a PNG without IEND is refused in every mode). ``keep_data`` returns the bytes in
     ``ImageInfo.data`` (the writer then need not read the file again)."""
     info = _inspect(path, want_ahash, full_decode)
     if info.data is not None and not keep_data:
@@ -147,16 +160,15 @@ def _inspect(path: str, want_ahash: bool, full_decode: bool) -> ImageInfo:
     if not data:
         return ImageInfo(False, "image file is empty (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    if not (full_decode or want_ahash):
-        fast = None
-        if data[:3] == b"\xff\xd8\xff":
-            fast, ext = _check_jpeg(data), "jpg"
-        elif data[:8] == _PNG_SIG:
-            fast, ext = _check_png(data), "png"
-        if isinstance(fast, str):
-            return ImageInfo(False, fast, len(data), digest)
-        if fast is not None:
-            return ImageInfo(True, "", len(data), digest, ext, fast[0], fast[1], data=data)
+    fast = None
+    if data[:3] == b"\xff\xd8\xff":
+        fast, ext = _check_jpeg(data), "jpg"
+    elif data[:8] == _PNG_SIG:
+        fast, ext = _check_png(data), "png"
+    if isinstance(fast, str):
+        return ImageInfo(False, fast, len(data), digest)
+    if fast is not None and not (full_decode or want_ahash):
+        return ImageInfo(True, "", len(data), digest, ext, fast[0], fast[1], data=data)
     info = _inspect_with_pillow(data, digest, want_ahash, full_decode)
     return dataclasses.replace(info, data=data) if info.ok else info
 
@@ -164,6 +176,7 @@ def _inspect(path: str, want_ahash: bool, full_decode: bool) -> ImageInfo:
 def _inspect_with_pillow(data: bytes, digest: str, want_ahash: bool, full_decode: bool) -> ImageInfo:
     from PIL import Image, UnidentifiedImageError
 
+    fmt = None
     try:
         im = Image.open(io.BytesIO(data))
         fmt = im.format
@@ -171,7 +184,7 @@ def _inspect_with_pillow(data: bytes, digest: str, want_ahash: bool, full_decode
         if ext is None:
             return ImageInfo(False, f"unsupported image format {fmt} (supported: JPEG, PNG, TIFF)", len(data), digest)
         w, h = im.size
-        if fmt == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        if fmt == "JPEG" and not _has_jpeg_eoi(data):
             return ImageInfo(False, "truncated JPEG (no end-of-image marker)", len(data), digest)
         if fmt == "PNG" and not full_decode and not want_ahash:
             im.verify()  # chunk CRCs through IEND, without decompressing
@@ -179,11 +192,13 @@ def _inspect_with_pillow(data: bytes, digest: str, want_ahash: bool, full_decode
             im.load()
         ahash = _average_hash(im) if want_ahash else None
     except UnidentifiedImageError:
+        if data[:4] in _TIFF_MAGIC:
+            return ImageInfo(False, "truncated or corrupt TIFF (its header cannot be read)", len(data), digest)
         return ImageInfo(False, "not a decodable image", len(data), digest)
     except Image.DecompressionBombError as exc:
         return ImageInfo(False, f"image too large ({exc})", len(data), digest)
     except Exception as exc:  # noqa: BLE001 - malformed files raise all sorts (struct.error, SyntaxError...)
-        what = "truncated image" if "truncat" in str(exc).lower() else "undecodable image"
+        what = f"truncated {fmt or 'image'}" if "truncat" in str(exc).lower() else "undecodable image"
         return ImageInfo(False, f"{what} ({type(exc).__name__}: {exc})", len(data), digest)
     return ImageInfo(True, "", len(data), digest, ext, w, h, ahash)
 

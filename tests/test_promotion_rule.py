@@ -1,0 +1,113 @@
+"""The promotion rule, without servers: ``beats_champion`` at its boundaries, and ``promote`` deciding
+by it (MLflow, the shards and the evaluation replaced by in-memory stand-ins).
+
+Rule: promote when there is no champion, or when candidate_mR > champion_mR and
+candidate_mR - champion_mR >= margin. The figures below are exact binary fractions, so "exactly at
+the margin" is exact; ``math.nextafter`` gives the nearest float just below it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+
+from msa.runtime import registry
+from msa.runtime.registry import KEPT, PROMOTED, beats_champion
+
+BELOW = -math.inf  # nextafter direction: the float just below
+ABOVE = math.inf
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5, 2.5])
+@pytest.mark.parametrize("mR", [0.0, 37.25, 50.0, 100.0])
+def test_equal_mR_never_promotes(mR, margin):
+    assert beats_champion(mR, mR, margin) is False
+
+
+def test_exactly_at_the_margin_promotes():
+    assert beats_champion(52.5, 50.0, 2.5) is True
+    assert beats_champion(50.125, 50.0, 0.125) is True
+
+
+def test_just_below_the_margin_is_kept():
+    assert beats_champion(math.nextafter(52.5, BELOW), 50.0, 2.5) is False  # candidate a hair short
+    assert beats_champion(52.5, 50.0, math.nextafter(2.5, ABOVE)) is False  # margin a hair higher
+    assert beats_champion(52.5, 50.0, 2.75) is False
+
+
+def test_any_improvement_promotes_with_margin_zero_and_worse_never_does():
+    assert beats_champion(math.nextafter(50.0, ABOVE), 50.0, 0.0) is True
+    assert beats_champion(60.0, 50.0, 0.0) is True
+    assert beats_champion(math.nextafter(50.0, BELOW), 50.0, 0.0) is False
+    assert beats_champion(10.0, 50.0, 0.0) is False
+
+
+@pytest.mark.parametrize("margin", [0.0, 5.0, 1000.0])
+def test_no_champion_promotes_whatever_the_figures(margin):
+    assert beats_champion(0.0, None, margin) is True
+    assert beats_champion(99.0, None, margin) is True
+
+
+@pytest.mark.parametrize("margin", [-0.5, -1e-9, math.nan])
+def test_negative_or_nan_margin_is_refused(margin):
+    with pytest.raises(ValueError, match="promotion margin must be >= 0"):
+        beats_champion(60.0, 50.0, margin)
+    with pytest.raises(ValueError, match="promotion margin must be >= 0"):
+        beats_champion(60.0, None, margin)
+    with pytest.raises(ValueError, match="promotion margin must be >= 0"):
+        registry.promote("1", margin=margin, mlflow_uri="http://127.0.0.1:9")  # before any server is contacted
+
+
+# --------------------------------------------------------------------------------------------------
+# promote() decides by the rule: the same boundaries through the whole decision, alias and all
+
+
+class _Registry:
+    """In-memory stand-ins for what ``promote`` reaches: versions with fixed mR, the champion alias."""
+
+    def __init__(self, figures: dict[str, float], champion: str | None):
+        self.figures, self.champion, self.recorded = figures, champion, []
+
+    def install(self, monkeypatch) -> None:
+        import msa.runtime.datasets as datasets
+
+        outer = self
+
+        class Client:
+            def get_model_version(self, name, version):
+                assert version in outer.figures
+
+            def set_registered_model_alias(self, name, alias, version):
+                assert alias == registry.CHAMPION
+                outer.champion = version
+
+        monkeypatch.setattr(registry, "client", lambda mlflow_uri=None: Client())
+        monkeypatch.setattr(registry, "_resolve_data", lambda c, m, uri, digest: ("mem://shards", "d" * 64))
+        monkeypatch.setattr(datasets, "verify_dataset", lambda uri, opts=None: "d" * 64)
+        monkeypatch.setattr(registry, "evaluate_version", lambda v, uri, **kw: {"mR": self.figures[v]})
+        monkeypatch.setattr(registry, "champion_version", lambda model_name=None: self.champion)
+        monkeypatch.setattr(registry, "PromotionLock", lambda *a, **kw: contextlib.nullcontext())
+        monkeypatch.setattr(registry, "_record", self.recorded.append)
+
+
+@pytest.mark.parametrize(
+    ("candidate_mR", "champion_mR", "margin", "expected"),
+    [
+        (50.0, 50.0, 0.0, KEPT),  # equal: kept, even with no margin
+        (52.5, 50.0, 2.5, PROMOTED),  # exactly at the margin
+        (math.nextafter(52.5, BELOW), 50.0, 2.5, KEPT),  # just below it
+        (49.0, 50.0, 0.0, KEPT),  # worse
+        (50.0, None, 5.0, PROMOTED),  # no champion
+    ],
+)
+def test_promote_moves_the_alias_exactly_when_the_rule_says(monkeypatch, candidate_mR, champion_mR, margin, expected):
+    figures = {"2": candidate_mR} | ({} if champion_mR is None else {"1": champion_mR})
+    fake = _Registry(figures, champion=None if champion_mR is None else "1")
+    fake.install(monkeypatch)
+    result = registry.promote("2", margin=margin, model_name="rule-test")
+    assert result.decision == expected, result.reason
+    assert fake.champion == ("2" if expected == PROMOTED else ("1" if champion_mR is not None else None))
+    assert result.candidate_mR == candidate_mR and result.champion_mR == champion_mR and result.margin == margin
+    assert fake.recorded == [result]
