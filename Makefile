@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv bench stack-up stack-down clean
+.PHONY: demo test lint venv bench stack-up stack-down clean
 
 # The lock pins every package; --no-deps skips pip's resolver (it backtracks for minutes on boto3).
 $(STAMP): requirements.lock pyproject.toml
@@ -27,7 +27,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/msa demo
 
+# ruff (pyproject.toml [tool.ruff]) and the import contracts of the three floors ([tool.importlinter]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests -q
 

@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         splits = read_manifest(data_uri).splits
         val_split = "val" if "val" in splits and splits["val"].images else "train"
         started = time.perf_counter()
-        indexes = {s: Index.load(build_index(model, data_uri, work / f"index-{s}", split=s)) for s in (val_split, "test")}
+        indexes = {s: Index.load(build_index(model, data_uri, work / f"index-{s}", split=s))
+                   for s in (val_split, "test")}
         scores = {s: split_scores(ix, model) for s, ix in indexes.items()}
         print(f"indexed {val_split} and test and scored every MSCMAT pair in {time.perf_counter() - started:.1f} s")
 

@@ -17,7 +17,8 @@ import contextlib
 import json
 import math
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from flows.cli import json_stdout
 from msa.retrieval.constants import (

@@ -4,7 +4,8 @@ The candidate (default: the newest version of ``msa-retrieval``) and the current
 evaluated on the same test shards (the candidate's dataset digest, re-verified); the alias moves
 only when the candidate's mR beats the champion's by at least ``margin`` points, or when there is
 no champion yet. The decision, both figures and the digest are tagged on the candidate version and
-logged as an MLflow run (``msa.kind=promotion``). How concurrent promotions are serialised: see
+logged as an MLflow run (``msa.kind=promotion``) and published as the flow run's
+``promote-msa-decision`` artifact. How concurrent promotions are serialised: see
 msa.runtime.registry; the deployment also runs one flow run at a time (prefect.yaml).
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import artifacts
 from msa.runtime import registry
 from msa.runtime.spec import RunSpec
 from msa.runtime.tracking import REGISTERED_MODEL
@@ -52,4 +54,5 @@ def promote_msa(
         result["model_name"], result["candidate_version"], result["decision"], result["candidate_mR"],
         result["champion_version"], champion, result["dataset_digest"][:16],
     )
+    artifacts.publish_promotion(result)
     return result

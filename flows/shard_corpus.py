@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
+from flows import artifacts
 from shards.manifest import read_manifest, verify_shards
 from shards.storage import TransientStorageError, endpoint_options
 from shards.writer import write_shards
@@ -62,6 +63,7 @@ def verify_shards_task(uri: str, endpoint_url: str | None) -> dict:
         "counts": {split: {"images": s.images, "captions": s.captions, "shards": len(s.shards)}
                    for split, s in m.splits.items()},
         "quarantined": len(m.quarantine),
+        "quarantine": [{"source": q.source, "reason": q.reason} for q in m.quarantine],
     }
 
 
@@ -71,7 +73,10 @@ def shard_corpus(annotations: str, images: str, out: str, corpus: str | None = N
                  endpoint_url: str | None = None) -> dict:
     """Shard ``annotations``/``images`` into ``out`` (local path or s3://bucket/prefix) and verify.
 
-    Returns {"uri", "manifest_uri", "digest", "short_digest", "corpus", "counts", "quarantined"}."""
+    Returns {"uri", "manifest_uri", "digest", "short_digest", "corpus", "counts", "quarantined", "quarantine"}
+    and publishes the split counts and the quarantine report as artifacts (flows.artifacts)."""
     uri = write_shards_task(annotations, images, out, corpus, on_error, shard_size, resize, workers, endpoint_url)
-    return verify_shards_task(uri, endpoint_url)
+    summary = verify_shards_task(uri, endpoint_url)
+    artifacts.publish_shard_report(summary)
+    return summary
 

@@ -1,5 +1,8 @@
 """Prefect flow ``train-msa``: verify shards -> train on Ray -> evaluate on test -> register.
 
+Artifacts on the run (flows.artifacts): the test recall table, a summary, links to the MLflow run and
+the registered model version.
+
 Runs ad hoc (``msa train``/``msa demo``) or from the ``train-msa/train-msa`` deployment; with the
 default ``data_uri`` the synthetic demo shards are made when absent, so it runs on a fresh clone.
 """
@@ -12,10 +15,11 @@ from typing import Any
 
 from prefect import flow, task
 
+from flows import artifacts
 from flows.tasks import prepare_shards, verify_shards
 from msa.config import MSAConfig, resolve_config
 from msa.paths import DEMO_SHARDS_URI
-from msa.runtime import pipeline
+from msa.runtime import pipeline, tracking
 from msa.runtime.spec import RunSpec
 
 
@@ -68,5 +72,8 @@ def train_msa(
     trained = train(cfg, spec, data_uri, digest, name)
     test_metrics = evaluate_test(trained, data_uri, spec)
     version = register_model(trained, test_metrics, spec)
+    artifacts.publish_training(trained, test_metrics, version, preset=cfg.preset, data_uri=data_uri,
+                               tracking_uri=spec.mlflow_uri or tracking.default_tracking_uri(),
+                               model_name=tracking.REGISTERED_MODEL)
     return {"run_id": trained["run_id"], "run_name": name, "model_version": version, "dataset_digest": digest,
             "test": test_metrics}

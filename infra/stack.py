@@ -119,7 +119,7 @@ def up(state: Path, prefect_port: int, mlflow_port: int, env_file: Path, with_wo
 def down(state: Path, env_file: Path) -> None:
     """SIGINT first (a Prefect worker stops cleanly on it), then SIGKILL whatever is left."""
     pids = _read_pids(state)
-    for name, pid in pids.items():
+    for pid in pids.values():
         try:
             os.killpg(pid, signal.SIGINT)
         except ProcessLookupError:
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "with SQLite backend and a local artifact root; `up` also deploys prefect.yaml and writes .stack.env.",
     )
     parser.add_argument("action", choices=["up", "down"], help="start or stop the stack")
-    parser.add_argument("--state-dir", type=Path, default=ROOT / ".stack", help="databases, logs, pids (default .stack/)")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".stack",
+                        help="databases, logs, pids (default .stack/)")
     parser.add_argument("--env-file", type=Path, default=ROOT / ".stack.env", help="shell exports written by `up`")
     parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("MSA_PREFECT_PORT", 4200)))
     parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MSA_MLFLOW_PORT", 5000)))

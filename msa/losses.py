@@ -181,7 +181,7 @@ def msa_loss(
     return {"total": total, **terms}
 
 
-def compute_loss(out: "MSAOutput", cfg: "LossConfig", image_ids: Tensor | None = None) -> dict[str, Tensor]:
+def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: Tensor | None = None) -> dict[str, Tensor]:
     """The objective ``cfg`` describes, from a forward pass: ``total`` plus one unweighted entry per term.
 
     Scores and embeddings are cast to float32 first (autocast may have produced bf16). ``image_ids``

@@ -18,7 +18,8 @@ import hashlib
 import os
 import re
 import tempfile
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 __all__ = [
     "StorageError",
@@ -241,7 +242,7 @@ class Store:
             return out
 
     # -- writing ------------------------------------------------------------------------------
-    def open_atomic(self, name: str) -> "AtomicFile":
+    def open_atomic(self, name: str) -> AtomicFile:
         """A temporary file whose :meth:`AtomicFile.commit` makes it appear at ``name`` in one step
         (and :meth:`AtomicFile.discard` drops it). Commit may run in another thread."""
         if not self.remote:

@@ -29,8 +29,8 @@ import multiprocessing
 import sys
 import tarfile
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .manifest import (
     MANIFEST_NAME,
@@ -46,9 +46,18 @@ from .manifest import (
     dataset_digest,
     shard_name,
 )
-from .readers import (ImageInfo, InputError, Listing, Problem, Sample, encode_image, inspect_image, read_annotations,
-                      read_file)
-from .storage import TMP_RE, AtomicFile, Store, StorageError, TransientStorageError
+from .readers import (
+    ImageInfo,
+    InputError,
+    Listing,
+    Problem,
+    Sample,
+    encode_image,
+    inspect_image,
+    read_annotations,
+    read_file,
+)
+from .storage import TMP_RE, AtomicFile, StorageError, Store, TransientStorageError
 
 __all__ = ["write_shards", "DEFAULT_SHARD_BYTES", "TAR_MTIME"]
 
@@ -293,7 +302,7 @@ def _write_splits(store: Store, good: list[tuple[Sample, ImageInfo]], *, shard_s
 
     bar = _progress(len(ordered), "write", progress)
     try:
-        for (s, info), (ext, data) in zip(ordered, payloads):
+        for (s, _info), (ext, data) in zip(ordered, payloads):
             si = splits.get(s.split)
             if si is None:
                 if current is not None:

@@ -15,8 +15,8 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from msa.config import resolve_config
-from msa.runtime.ray_train import TrainJob, run_training
 from msa.runtime.pipeline import train
+from msa.runtime.ray_train import TrainJob, run_training
 from msa.runtime.spec import RunSpec
 from shards.manifest import read_manifest
 from shards.synth import generate_corpus

@@ -2,8 +2,10 @@
 
 Single source of truth for the image: ``version`` in pyproject.toml, repeated as the Dockerfile's
 ``org.opencontainers.image.version`` label; every image reference under infra/ must be
-``<registry>/<project name>:<that version>``. The RayJob's entrypoint must parse with the real
-``msa`` argument parser, and the cluster launcher config must pass Ray's own schema.
+``<registry>/<project name>:<that version>``. The image installs the runtime dependencies only, at the
+lock's versions (which pyproject's ranges must admit), and runs ``pip check``. The RayJob's entrypoint
+must parse with the real ``msa`` argument parser, and the cluster launcher config must pass Ray's own
+schema.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -26,9 +31,11 @@ LAUNCHER = INFRA / "ray" / "cluster-gpu.yaml"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VERSION = PYPROJECT["version"]
 NAME = PYPROJECT["name"]
-RAY_VERSION = next(
-    re.fullmatch(r"ray(\[[^\]]*\])?==(\S+)", dep).group(2) for dep in PYPROJECT["dependencies"] if dep.startswith("ray")
-)
+LOCK_LINES = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line and line[0] != "#"]
+# requirements.lock: canonical name -> exact version (what `make` installs and the image is constrained to).
+LOCK = {canonicalize_name(line.split("==")[0]): line.split("==")[1] for line in LOCK_LINES}
+RAY_VERSION = LOCK["ray"]
+TEST_ONLY = {canonicalize_name(Requirement(dep).name) for dep in PYPROJECT["optional-dependencies"]["test"]}
 
 # Field names of the KubeRay ray.io/v1 API reference (KubeRay 1.5+; authOptions is new in 1.5.1).
 RAYCLUSTER_SPEC_FIELDS = {
@@ -206,7 +213,6 @@ def test_dockerfile_base_env_and_build_context():
     assert base.startswith(f"rayproject/ray:{RAY_VERSION}-{python_tag}-"), base
     for var in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "RAY_USAGE_STATS_ENABLED=0", "DO_NOT_TRACK=true"):
         assert re.search(rf"^\s*(ENV\s+)?{var}\b", text, re.M), var
-    assert "pip install --no-cache-dir --no-deps -r requirements.lock" in text
     assert re.search(r"pip install .*--no-deps .*-e \.", text)
 
     ignored = {
@@ -222,6 +228,71 @@ def test_dockerfile_base_env_and_build_context():
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the build context"
         assert src not in ignored, f"COPY {src}: excluded by .dockerignore"
+
+
+def _pip_commands(text: str) -> list[str]:
+    """Every `pip ...` command the Dockerfile runs (continuation lines joined, `&&` chains split)."""
+    runs = re.findall(r"^RUN (.+)$", text.replace("\\\n", " "), re.M)
+    return [" ".join(cmd.split()) for run in runs for cmd in run.split("&&") if re.search(r"\bpip\b", cmd)]
+
+
+def _runtime_closure() -> set[str]:
+    """Canonical names of [project].dependencies and everything they require, extras and markers
+    evaluated, from the installed distributions' metadata (the venv is built from the lock)."""
+    from importlib import metadata
+
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    stack = [Requirement(dep) for dep in PYPROJECT["dependencies"]]
+    while stack:
+        req = stack.pop()
+        key = (canonicalize_name(req.name), tuple(sorted(req.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in metadata.distribution(req.name).requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                stack.append(sub)
+    return {name for name, _ in seen}
+
+
+def test_lock_is_sorted_and_pins_versions_the_project_ranges_admit():
+    names = [canonicalize_name(line.split("==")[0]) for line in LOCK_LINES]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==\S+", line) for line in LOCK_LINES), "every lock line is NAME==VERSION"
+    assert len(names) == len(set(names)), "a package is pinned twice"
+    keys = [f"{canonicalize_name(line.split('==')[0])}=={line.split('==')[1]}" for line in LOCK_LINES]
+    assert keys == sorted(keys), "requirements.lock is not sorted by package name (as pip freeze writes it)"
+    for group, deps in [("dependencies", PYPROJECT["dependencies"]),
+                        *[(f"optional-dependencies.{k}", v) for k, v in PYPROJECT["optional-dependencies"].items()]]:
+        for dep in deps:
+            req = Requirement(dep)
+            name = canonicalize_name(req.name)
+            assert name in LOCK, f"{group}: {dep} is not pinned in requirements.lock"
+            assert req.specifier.contains(Version(LOCK[name]), prereleases=True), (
+                f"{group}: requirements.lock pins {name}=={LOCK[name]}, outside {dep}")
+    assert {"pytest", "moto", "efficientnet-lite-pytorch", "ruff", "pre-commit", "import-linter"} <= TEST_ONLY
+
+
+def test_dockerfile_installs_runtime_dependencies_only_and_runs_pip_check():
+    text = DOCKERFILE.read_text()
+    commands = _pip_commands(text)
+    installs = [cmd for cmd in commands if " install " in f" {cmd} "]
+    assert installs, commands
+    for cmd in installs:
+        assert not re.search(r"(-r|--requirement)\s*requirements\.lock", cmd), f"installs the whole lock: {cmd}"
+        assert "[test]" not in cmd, cmd
+        named = {canonicalize_name(re.split(r"[\[=<>~!]", tok)[0]) for tok in cmd.split() if not tok.startswith("-")}
+        assert not named & TEST_ONLY, f"installs test-only packages {named & TEST_ONLY}: {cmd}"
+    # The runtime requirements, constrained to the lock's exact versions; the project itself without deps.
+    assert any("-c requirements.lock" in cmd and "runtime-requirements.txt" in cmd for cmd in installs), installs
+    assert "['project']['dependencies']" in text
+    # pip check runs after the last install, so it sees the image's final package set.
+    checks = [i for i, cmd in enumerate(commands) if re.fullmatch(r"python -m pip check", cmd)]
+    assert checks and checks[-1] > commands.index(installs[-1]), commands
+    # What those requirements pull in: no test tool, and every package pinned by the lock.
+    closure = _runtime_closure()
+    assert not closure & TEST_ONLY, f"runtime dependencies require test-only packages: {closure & TEST_ONLY}"
+    assert closure <= set(LOCK), f"runtime packages missing from requirements.lock: {sorted(closure - set(LOCK))}"
 
 
 def test_launcher_config_passes_ray_schema_and_sizes_gpu_workers():

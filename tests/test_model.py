@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
+from msa.checkpoint import load_checkpoint, model_from_checkpoint
 from msa.config import resolve_config
 from msa.data import ImageTransform, plan_splits
 from msa.encoders import build_tokenizer, tokenize
+from msa.engine import LocalCheckpoints, fit
 from msa.evaluate import embed_split, evaluate_recall
 from msa.losses import compute_loss
 from msa.model import MSAModel
-from msa.checkpoint import load_checkpoint, model_from_checkpoint
-from msa.engine import LocalCheckpoints, fit
 from shards.manifest import read_manifest
 from shards.synth import generate_corpus
 from shards.writer import write_shards
@@ -32,7 +32,8 @@ def test_paper_preset_total_loss_at_initialisation_is_in_the_spec_band():
     )
     model = MSAModel(cfg).train()
     assert model.image.stage_dims == (256, 512, 1024, 2048) and model.text.hidden_size == 768
-    captions = [f"a {c} area with {n} buildings near a river" for c in ("green", "dense", "bare", "sandy") for n in range(8)]
+    captions = [f"a {c} area with {n} buildings near a river"
+                for c in ("green", "dense", "bare", "sandy") for n in range(8)]
     ids, mask = tokenize(build_tokenizer(cfg.text.tokenizer), captions, cfg.text.max_tokens)
     out = model(torch.randn(32, 3, 224, 224), ids, mask)
     parts = compute_loss(out, cfg.loss)
@@ -50,7 +51,8 @@ def recall_of(model, urls, transform, tokenizer) -> float:
 def tiny_corpus(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("learn")
     annotations = generate_corpus(root / "corpus", splits={"train": 48}, image_size=32, seed=11)
-    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=16, progress=False)
+    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=16,
+                 progress=False)
     return str(root / "shards")
 
 

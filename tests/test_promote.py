@@ -21,8 +21,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main as msa_main
-from msa.runtime import registry, tracking
 from msa.config import MSAConfig, resolve_config
+from msa.runtime import registry, tracking
 from msa.runtime.tracking import CHAMPION, DIGEST_TAG
 from shards.manifest import read_manifest
 
@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _checkpoint(out: Path, shards: str, overrides: dict, *, epochs: int, seed: int) -> Path:
     """An MSA checkpoint trained in-process (no Ray) for ``epochs`` epochs; 0 = random init."""
+    from msa.checkpoint import save_checkpoint
     from msa.data import ImageTransform, PairBatches, pair_loader, steps_per_epoch
     from msa.encoders import build_tokenizer
-    from msa.model import MSAModel
-    from msa.checkpoint import save_checkpoint
     from msa.engine import build_optimizer, seed_everything, train_epoch
+    from msa.model import MSAModel
 
     cfg = resolve_config("small", {**overrides, "optim.lr": 2e-3})
     manifest = read_manifest(shards)
@@ -62,9 +62,9 @@ def _checkpoint(out: Path, shards: str, overrides: dict, *, epochs: int, seed: i
 
 def _log_model(checkpoint: Path, shards: str, name: str) -> str:
     """A training-style run (data_uri, digest tags) holding the pyfunc model; returns its model URI."""
+    from msa.checkpoint import load_checkpoint
     from msa.encoders import build_tokenizer
     from msa.runtime.serving import log_pyfunc_model
-    from msa.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     cfg = MSAConfig.from_dict(state["config"])
@@ -91,8 +91,8 @@ def models(mlflow_server, tiny_shards, tmp_path_factory, fast_model_logging) -> 
     root = tmp_path_factory.mktemp("promote-models")
     overrides = {"image.size": 32, "train.batch_size": 16, "train.eval_batch_size": 64, "train.loader_workers": 0}
     return {
-        "strong": _log_model(_checkpoint(root / "strong", tiny_shards, overrides, epochs=2, seed=1), tiny_shards, "strong"),
-        "random": _log_model(_checkpoint(root / "random", tiny_shards, overrides, epochs=0, seed=1), tiny_shards, "random"),
+        name: _log_model(_checkpoint(root / name, tiny_shards, overrides, epochs=epochs, seed=1), tiny_shards, name)
+        for name, epochs in (("strong", 2), ("random", 0))
     }
 
 

@@ -1,10 +1,12 @@
 """The local stack end to end: `prefect deployment run train-msa/train-msa --watch` on a real
-Prefect server and process worker, logging to a real MLflow server."""
+Prefect server and process worker, logging to a real MLflow server; the flow run's artifacts are
+read back through the Prefect API."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -47,6 +49,45 @@ def test_deployment_run_trains_and_registers(tmp_path: Path) -> None:
         assert version.tags["dataset_digest"] == run.data.tags["dataset_digest"]
         # Artifacts went through the server's proxy into its artifact root, not the client's cwd.
         assert any((state / "mlartifacts").rglob("checkpoint.pt"))
+        _assert_train_artifacts(stack_env, run, version)
     finally:
         down(state, env_file)
     assert not env_file.exists()
+
+
+def _assert_train_artifacts(stack_env: dict[str, str], run, version) -> None:
+    """The flow run's Prefect artifacts, read through the Prefect API, agree with what MLflow recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from msa.metrics import RECALL_KEYS
+
+    with temporary_settings(updates={PREFECT_API_URL: stack_env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as prefect:
+            (flow_run,) = prefect.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-msa"])))
+            found = prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    by_key = {a.key: a for a in found}
+    assert {"train-msa-test-recall", "train-msa-summary", "train-msa-mlflow-run",
+            "train-msa-model-version"} <= set(by_key), [a.key for a in found]
+
+    metrics = run.data.metrics
+    rows = json.loads(by_key["train-msa-test-recall"].data)
+    assert [r["metric"] for r in rows] == [*RECALL_KEYS, "chance_mR"]
+    for row in rows:
+        assert row["recall_pct"] == pytest.approx(metrics[f"test_{row['metric']}"], abs=0.006), row
+
+    tracking_uri = stack_env["MLFLOW_TRACKING_URI"].rstrip("/")
+    run_link = f"{tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+    assert run_link in by_key["train-msa-mlflow-run"].data
+    model_link = f"{tracking_uri}/#/models/msa-retrieval/versions/{version.version})"
+    assert model_link in by_key["train-msa-model-version"].data
+
+    summary = by_key["train-msa-summary"].data
+    assert "| preset | `small` |" in summary
+    assert f"| dataset digest | `{run.data.tags['dataset_digest']}` |" in summary
+    assert f"| selected epoch | {int(metrics['selected_epoch']) + 1} " in summary
+    checkpoint = re.search(r"\| checkpoint \| `([^`]+)` \|", summary)
+    assert checkpoint and "checkpoint" in checkpoint.group(1).rsplit("/", 1)[-1], summary
+    assert "://" in checkpoint.group(1) or Path(checkpoint.group(1)).is_dir(), summary

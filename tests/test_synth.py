@@ -13,8 +13,18 @@ import pytest
 from PIL import Image
 
 from shards import synth
-from shards.synth import (LANDCOVERS, ObjectGroup, Linear, Region, SceneAttrs, describe_scene,
-                          generate_corpus, knobs, make_sample, render_scene)
+from shards.synth import (
+    LANDCOVERS,
+    Linear,
+    ObjectGroup,
+    Region,
+    SceneAttrs,
+    describe_scene,
+    generate_corpus,
+    knobs,
+    make_sample,
+    render_scene,
+)
 
 SPLITS = {"train": 6, "val": 3, "test": 3}
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "tif": "TIFF"}

@@ -26,7 +26,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +290,7 @@ def build_index(
     meta = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {
             "source": model.source,
             "resolved": model.resolved,

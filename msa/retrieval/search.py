@@ -23,9 +23,10 @@ and ``reranked_recall`` keeps the exact ``msa.metrics.recall_at_k`` protocol for
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def search_text(
     ]
 
 
-def _load_image(image) -> "Image.Image":  # noqa: F821
+def _load_image(image) -> Image.Image:  # noqa: F821
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):

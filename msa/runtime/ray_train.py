@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from msa.checkpoint import HISTORY_FILE, load_checkpoint
 from msa.paths import OFFLINE_ENV

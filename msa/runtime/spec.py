@@ -22,9 +22,12 @@ class RunSpec(BaseModel):
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     max_failures: int = Field(1, ge=0, description="worker failures survived by resuming from the last checkpoint")
-    ray_address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    storage_path: str | None = Field(None, description="Ray checkpoint storage, local path or s3:// (default: .msa/ray_results)")
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .msa/mlflow.db)")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    storage_path: str | None = Field(
+        None, description="Ray checkpoint storage, local path or s3:// (default: .msa/ray_results)")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else .msa/mlflow.db)")
     endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// URIs, e.g. a local MinIO or moto server")
 
     @property

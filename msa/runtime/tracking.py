@@ -118,11 +118,9 @@ def _dataset_source(data_uri: str):
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
-    client = MlflowClient()
-    client.log_batch(
-        run_id,
-        metrics=[mlflow.entities.Metric(k, float(v), int(mlflow.utils.time.get_current_time_millis()), step) for k, v in metrics.items()],
-    )
+    now = int(mlflow.utils.time.get_current_time_millis())
+    MlflowClient().log_batch(run_id,
+                             metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
