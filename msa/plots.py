@@ -83,3 +83,51 @@ def plot_retrieval_examples(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_ablation(
+    rows: list[Mapping],
+    path: str | Path,
+    *,
+    title: str,
+    metric: str = "mR",
+    chance: float | None = None,
+) -> Path:
+    """Per-variant mean ``metric`` with a +-1 standard deviation bar over seeds, each seed as a dot.
+
+    ``rows`` are the per-variant entries of an ablation table (msa.runtime.ablate.ablation_table):
+    ``variant``, ``mean``/``std`` dicts, ``by_seed`` (metric -> {seed: value}) and ``diff_mR`` (the paired
+    difference to the first variant with its confidence interval, None for the first), which labels each bar.
+    """
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 1.5), 4.2))
+    xs = np.arange(len(rows))
+    means = [np.nan if row["mean"][metric] is None else row["mean"][metric] for row in rows]  # n=0: no bar
+    stds = [row["std"][metric] or 0.0 for row in rows]
+    ax.bar(xs, means, yerr=stds, capsize=6, color="#9ecae1", edgecolor="#3182bd", width=0.6,
+           error_kw={"elinewidth": 1.5}, label=f"mean {metric} +- 1 sd over seeds")
+    for x, row in zip(xs, rows):
+        values = list(row["by_seed"][metric].values())
+        offsets = np.linspace(-0.15, 0.15, num=len(values)) if len(values) > 1 else [0.0]
+        ax.scatter(x + np.asarray(offsets), values, color="#08306b", s=14, zorder=3)
+    if rows:
+        ax.axhline(means[0], color="#3182bd", linestyle=":", linewidth=1)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance {metric} {chance:.2f}")
+    labels = []
+    for row in rows:
+        diff = row.get("diff_mR")
+        label = f"{row['variant']}\n(n={row['n']})"
+        if diff is not None and diff.get("ci_low") is not None:
+            label += f"\n{diff['mean']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}]"
+        elif diff is not None and diff.get("mean") is not None:
+            label += f"\n{diff['mean']:+.2f}"
+        labels.append(label)
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set(ylabel=f"test {metric} (%)", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

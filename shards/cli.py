@@ -103,7 +103,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     try:
         path = generate_corpus(args.out, splits={"train": args.train, "val": args.val, "test": args.test},
                                image_size=args.size, seed=args.seed, image_format=args.format,
-                               difficulty=args.difficulty)
+                               difficulty=args.difficulty, fine_scale=args.fine_scale, group_size=args.group_size)
     except ValueError as exc:
         print(f"msa corpus synth: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -136,6 +136,12 @@ def _add_corpus(subparsers) -> None:
     s.add_argument("--difficulty", choices=("easy", "medium", "hard"), default="easy",
                    help="scene variety and noise of the generator (shards.synth): harder levels draw from "
                         "more land-cover classes with more jitter and noise (default: easy)")
+    s.add_argument("--fine-scale", action="store_true",
+                   help="fine-scale corpus: images in groups that share their coarse layout (land cover, "
+                        "roads/rivers, textures) and differ only in their small objects' count, location and "
+                        "colour, named in every caption (default: off, the standard corpus)")
+    s.add_argument("--group-size", type=int_at_least(2), default=4, metavar="N",
+                   help="images per group of the fine-scale corpus (default: 4)")
     s.set_defaults(handler=_cmd_synth)
 
 

@@ -54,8 +54,8 @@ def test_version_and_every_command_has_help(capsys) -> None:
     ],
 )
 def test_bad_override_exits_2_with_one_line_before_any_flow_starts(override, key) -> None:
-    code = ("import sys; from flows.cli import main; rc = main(['train', '--set', %r]); "
-            "print(rc, 'prefect' in sys.modules, 'ray' in sys.modules)" % override)
+    code = (f"import sys; from flows.cli import main; rc = main(['train', '--set', {override!r}]); "
+            "print(rc, 'prefect' in sys.modules, 'ray' in sys.modules)")
     proc = _python(code)
     assert proc.stdout.split() == ["2", "False", "False"], (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -70,7 +70,8 @@ ALIASES = {"data_uri": "data", "images_dir": "images", "candidate_version": "can
 @pytest.mark.parametrize(
     "command, flow",
     [("train", "flows.train_msa:train_msa"), ("demo", "flows.train_msa:train_msa"),
-     ("tune", "flows.tune_msa:tune_msa"), ("promote", "flows.promote_msa:promote_msa"),
+     ("tune", "flows.tune_msa:tune_msa"), ("ablate", "flows.ablate_msa:ablate_msa"),
+     ("promote", "flows.promote_msa:promote_msa"),
      ("retrain", "flows.retrain_msa:retrain_msa")],
 )
 def test_every_flow_parameter_is_reachable_from_its_command(command, flow) -> None:
@@ -87,7 +88,7 @@ def test_every_flow_parameter_is_reachable_from_its_command(command, flow) -> No
         missing -= {"demo_images"}  # the demo corpus is made only by `msa demo`
     if command == "tune":
         missing -= {"demo_images"}
-    if command in ("train", "demo", "tune", "retrain"):
+    if command in ("train", "demo", "tune", "ablate", "retrain"):
         assert "epochs" in dests
     assert not missing, f"msa {command} cannot set {sorted(missing)} of {flow}"
     # The run-specification parameters share RunSpec's names and defaults, wherever a flow takes them.

@@ -14,6 +14,18 @@ DEMO_SHARD_SIZE = 50
 DEMO_SEED = 0
 
 
+def absolute_uri(data_uri: str) -> str:
+    """A local shard path made absolute (Ray Tune runs each trial in its own working directory, so a
+    relative path would name nothing there); remote URIs unchanged."""
+    from pathlib import Path
+
+    from shards.storage import is_remote
+
+    if is_remote(data_uri):
+        return data_uri
+    return str(Path(data_uri.removeprefix("file://")).expanduser().resolve())
+
+
 def verify_dataset(data_uri: str, storage_options: dict | None = None) -> str:
     """Re-hash every shard against the manifest; the dataset digest when all is well."""
     report = verify_shards(data_uri, storage_options)

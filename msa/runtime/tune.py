@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from msa.checkpoint import HISTORY_FILE
-from msa.config import resolve_config
+from msa.config import MSAConfig, resolve_config
 from msa.metrics import RECALL_KEYS
 from msa.runtime import registry, tracking
-from msa.runtime.ray_train import TrainJob, ensure_ray, run_training
+from msa.runtime.datasets import absolute_uri
+from msa.runtime.ray_train import TrainJob, TrainOutcome, ensure_ray, run_training
 from msa.runtime.spec import RunSpec
 
 METRIC = "val_mR"
@@ -154,32 +155,55 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
-    """One trial: resolve its config, open the MLflow child run, fit one TorchTrainer reporting to Tune."""
+def fit_trial(
+    cfg: MSAConfig,
+    spec: RunSpec,
+    *,
+    name: str,
+    data_uri: str,
+    dataset_digest: str,
+    parent_run_id: str,
+    tags: dict[str, Any],
+) -> tuple[str, TrainOutcome]:
+    """The training part of any Tune trial whose trainable runs one TorchTrainer (tuning, ablations).
+
+    Opens the trial's MLflow child run of ``parent_run_id`` (named ``<name>-<trial id>``, tagged
+    ``tune.trial_id`` and ``tags``), fits with ``TuneReportCallback`` (rank 0's per-epoch report reaches
+    Tune) and logs ``best_val_*``. Returns (run id, outcome) with the run still open: the caller adds
+    its own steps and closes it. A training error marks the run FAILED and propagates.
+    """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    tj = TuneJob(**job["tune"])
     trial_id = ray.tune.get_context().get_trial_id()
-    sampled = {key: _plain(value) for key, value in config.items()}
-    cfg = resolve_config(tj.preset, {**tj.overrides, **sampled})
-    spec = tj.spec.model_copy(update={"max_failures": 0})
+    spec = spec.model_copy(update={"max_failures": 0})
     tracking.use_tracking(spec.mlflow_uri)
-    run_name = f"{tj.name}-{trial_id}"
+    run_name = f"{name}-{trial_id}"
     run_id = tracking.start_training_run(
-        cfg, spec, dataset_digest=tj.dataset_digest, data_uri=tj.data_uri, run_name=run_name,
-        parent_run_id=job["parent_run_id"],
+        cfg, spec, dataset_digest=dataset_digest, data_uri=data_uri, run_name=run_name, parent_run_id=parent_run_id,
     )
-    registry.set_run_tags(run_id, {registry.KIND_TAG: "tune-trial", "tune.trial_id": trial_id,
-                                   "tune.sampled": json.dumps(sampled, sort_keys=True)})
-    train_job = TrainJob(data_uri=tj.data_uri, config=cfg.to_dict(), run_name=run_name,
-                         dataset_digest=tj.dataset_digest, run=spec.model_dump(), mlflow_run_id=run_id)
+    registry.set_run_tags(run_id, {"tune.trial_id": trial_id, **tags})
+    train_job = TrainJob(data_uri=data_uri, config=cfg.to_dict(), run_name=run_name,
+                         dataset_digest=dataset_digest, run=spec.model_dump(), mlflow_run_id=run_id)
     try:
         outcome = run_training(train_job, callbacks=[TuneReportCallback()])
+        tracking.log_metrics(run_id, {f"best_val_{k}": outcome.best_metrics[f"val_{k}"] for k in RECALL_KEYS}, 0)
     except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
-    tracking.log_metrics(run_id, {f"best_val_{k}": outcome.best_metrics[f"val_{k}"] for k in RECALL_KEYS}, step=0)
+    return run_id, outcome
+
+
+def trial_fn(config: dict[str, Any], job: dict[str, Any]) -> None:
+    """One trial: resolve its config, open the MLflow child run, fit one TorchTrainer reporting to Tune."""
+    tj = TuneJob(**job["tune"])
+    sampled = {key: _plain(value) for key, value in config.items()}
+    cfg = resolve_config(tj.preset, {**tj.overrides, **sampled})
+    run_id, outcome = fit_trial(
+        cfg, tj.spec, name=tj.name, data_uri=tj.data_uri, dataset_digest=tj.dataset_digest,
+        parent_run_id=job["parent_run_id"],
+        tags={registry.KIND_TAG: "tune-trial", "tune.sampled": json.dumps(sampled, sort_keys=True)},
+    )
     registry.set_run_tags(run_id, {"tune.status": "completed", "best_checkpoint": outcome.best_checkpoint})
     tracking.finish_run(run_id)
 
@@ -205,7 +229,8 @@ def _checkpoint_uri(path: str, storage_path: str) -> str:
     return path
 
 
-def _summaries(results, storage_path: str, epochs: int) -> list[TrialSummary]:
+def trial_summaries(results, storage_path: str, epochs: int) -> list[TrialSummary]:
+    """One summary per trial of a Tune ``ResultGrid`` (best validation epoch, its checkpoint, status)."""
     out: list[TrialSummary] = []
     for result in results:
         frame = result.metrics_dataframe
@@ -256,7 +281,7 @@ def run_tune(job: TuneJob, *, register: bool = True) -> TuneOutcome:
 
     mlflow_uri = tracking.use_tracking(job.spec.mlflow_uri)
     spec = job.spec.model_copy(update={"mlflow_uri": mlflow_uri, "storage_path": job.spec.storage})
-    job = TuneJob(**{**asdict(job), "run": spec.model_dump()})
+    job = TuneJob(**{**asdict(job), "run": spec.model_dump(), "data_uri": absolute_uri(job.data_uri)})
     parent = tracking.start_training_run(
         base,
         spec,
@@ -299,8 +324,8 @@ def run_tune(job: TuneJob, *, register: bool = True) -> TuneOutcome:
             run_config=tune.RunConfig(name=job.name, storage_path=spec.storage, verbose=1),
         )
         results = tuner.fit()
-        trials = _summaries(results, spec.storage, epochs)
-        _link_child_runs(parent, trials)
+        trials = trial_summaries(results, spec.storage, epochs)
+        link_child_runs(parent, trials)
         scored = [t for t in trials if t.best_val_mR is not None and t.best_checkpoint]
         if not scored:
             raise RuntimeError(f"no trial of {job.name} reported a checkpoint: " +
@@ -363,7 +388,7 @@ def _history(checkpoint_uri: str, storage_options: dict | None) -> list[dict[str
         return []
 
 
-def _link_child_runs(parent: str, trials: list[TrialSummary]) -> None:
+def link_child_runs(parent: str, trials: list[TrialSummary]) -> None:
     """Attach each trial's MLflow child run; close the runs of trials Tune stopped (ASHA, errors)."""
     by_trial = {r.data.tags.get("tune.trial_id"): r for r in registry.child_runs(parent)}
     for trial in trials:

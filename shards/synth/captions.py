@@ -1,4 +1,8 @@
-"""Caption text: varied sentences about a drawn scene, built only from its attributes."""
+"""Caption text: varied sentences about a drawn scene, built only from its attributes.
+
+Fine-scale captions (``describe_scene(..., fine=True)``) every one name each object group with its
+count, colour (when it has one) and location, beside the coarse layout the group shares.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import re
 import numpy as np
 
 from .scenes import _OPPOSITE, MANY, Linear, ObjectGroup, SceneAttrs, _pick
-
 
 LC_NAMES = {
     "farmland": ("farmland", "farm fields", "cultivated fields", "cropland", "green fields", "striped fields"),
@@ -72,8 +75,8 @@ def _plural(noun: str) -> str:
 class _Phrases:
     """Random phrase builders over one scene."""
 
-    def __init__(self, attrs: SceneAttrs, rng):
-        self.a, self.rng = attrs, rng
+    def __init__(self, attrs: SceneAttrs, rng, fine: bool = False):
+        self.a, self.rng, self.fine = attrs, rng, fine
 
     def pick(self, seq):
         return _pick(self.rng, seq)
@@ -107,13 +110,16 @@ class _Phrases:
 
     def group(self, g: ObjectGroup, loc_p=0.8) -> str:
         noun = self.pick(OBJ_NOUNS[g.kind])
+        if g.colour:  # "small building" -> "small red building"
+            *adjectives, head = noun.split(" ")
+            noun = " ".join([*adjectives, g.colour, head])
         if g.count == 1:
             det = self.pick((_article(noun), "one", "a single"))
             s = f"{det} {noun}"
         else:
             det = COUNT_WORDS[g.count] if g.count < MANY else self.pick(MANY_WORDS)
             s = f"{det} {_plural(noun)}"
-        if g.location and self.rng.random() < loc_p:
+        if g.location and (self.fine or self.rng.random() < loc_p):
             s += " " + self.pick(LOC_PHRASES[g.location])
         return s
 
@@ -203,14 +209,17 @@ def _tokens(raw: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", raw.lower())
 
 
-def describe_scene(attrs: SceneAttrs, rng: np.random.Generator | None = None, n: int = 5) -> list[str]:
+def describe_scene(attrs: SceneAttrs, rng: np.random.Generator | None = None, n: int = 5,
+                   fine: bool = False) -> list[str]:
     """``n`` distinct captions for a drawn scene.
 
     Caption 1 covers every scale present, one focuses on the objects (with their location), one on
-    the land cover (with region sides); the rest use random subsets. Order is shuffled.
+    the land cover (with region sides); the rest use random subsets. Order is shuffled. With ``fine``
+    (a scene with objects), every caption names every object group with its count, colour and location.
     """
     rng = np.random.default_rng(0) if rng is None else rng
-    p = _Phrases(attrs, rng)
+    fine = fine and bool(attrs.objects)
+    p = _Phrases(attrs, rng, fine)
     avail = ["lc"] + (["lin"] if attrs.linear else []) + (["obj"] if attrs.objects else [])
     focuses: list[frozenset] = [frozenset(avail)]
     if attrs.objects:
@@ -226,7 +235,7 @@ def describe_scene(attrs: SceneAttrs, rng: np.random.Generator | None = None, n:
     out: list[str] = []
     for f in focuses[:n]:
         for _ in range(40):
-            s = _sentence(f, p)
+            s = _sentence(f | {"obj"} if fine else f, p)
             if s not in out:
                 break
             f = frozenset(rng.permutation(avail)[:int(rng.integers(1, len(avail) + 1))].tolist())

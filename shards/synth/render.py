@@ -2,6 +2,9 @@
 
 :func:`render_scene` returns the attributes of what was actually drawn (counts shrink and locations
 are dropped when objects do not fit), so captions built from them never mention anything absent.
+Given a ``coarse_rng``, everything above the object scale (land cover textures, region boundary,
+linear features, sun direction, building grid, overall tint) is drawn from it and the objects, clutter
+and sensor noise from ``rng``: images rendered with equal coarse streams share their whole layout.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import numpy as np
 
 from .scenes import Knobs, Linear, ObjectGroup, Region, SceneAttrs, _pick
 from .textures import TEXTURES, _cover, _dilate, _fbm, _frame, _grid, _jit, _paint, _rect_d, _value_noise, region_mask
-
 
 # --- linear features -----------------------------------------------------------------------------
 
@@ -150,13 +152,21 @@ def _local(S, x, y, r, theta):
     return sl, u, v
 
 
-def draw_building(img, S, x, y, theta, size, rng, shadow):
+# Fine-scale corpus colours (scenes.COLOURS) of roofs and vehicles.
+COLOUR_RGB = {"red": (0.85, 0.15, 0.12), "white": (0.95, 0.95, 0.93), "blue": (0.15, 0.35, 0.92),
+              "yellow": (0.97, 0.85, 0.10)}
+
+
+def draw_building(img, S, x, y, theta, size, rng, shadow, colour=None):
     a, b = size * rng.uniform(0.8, 1.2), size * rng.uniform(0.55, 0.9)
     sl, u, v = _local(S, x, y, a + b + 0.03, theta)
     su, sv = _frame(np.float32(shadow[0]), np.float32(shadow[1]), 0, 0, theta)
     _paint(img[sl], 0.55 * _cover(_rect_d(u - su, v - sv, a, b), S), (0.05, 0.05, 0.06))
-    roof = _jit(rng, _pick(rng, ((0.80, 0.24, 0.18), (0.94, 0.93, 0.90), (0.30, 0.45, 0.78),
-                                 (0.70, 0.82, 0.88))), 0.05)
+    if colour is None:
+        roof = _jit(rng, _pick(rng, ((0.80, 0.24, 0.18), (0.94, 0.93, 0.90), (0.30, 0.45, 0.78),
+                                     (0.70, 0.82, 0.88))), 0.05)
+    else:
+        roof = _jit(rng, COLOUR_RGB[colour], 0.05)
     _paint(img[sl], _cover(_rect_d(u, v, a, b), S), roof)
     _paint(img[sl], 0.45 * _cover(_rect_d(u, v, a - 0.6 / S, 0.45 / S), S), roof * 0.6)
 
@@ -170,11 +180,14 @@ def draw_tank(img, S, x, y, theta, size, rng, shadow):
     _paint(img[sl], 0.5 * _cover(np.abs(d - r * 0.62) - 0.5 / S, S), (0.55, 0.55, 0.55))
 
 
-def draw_vehicle(img, S, x, y, theta, size, rng, shadow):
+def draw_vehicle(img, S, x, y, theta, size, rng, shadow, colour=None):
     a, b = size * 0.55, size * 0.3
     sl, u, v = _local(S, x, y, a + 0.02, theta)
-    col = _jit(rng, _pick(rng, ((0.92, 0.15, 0.12), (0.95, 0.95, 0.95), (0.98, 0.85, 0.10),
-                                (0.15, 0.40, 0.95))), 0.05)
+    if colour is None:
+        col = _jit(rng, _pick(rng, ((0.92, 0.15, 0.12), (0.95, 0.95, 0.95), (0.98, 0.85, 0.10),
+                                    (0.15, 0.40, 0.95))), 0.05)
+    else:
+        col = _jit(rng, COLOUR_RGB[colour], 0.05)
     _paint(img[sl], _cover(_rect_d(u, v, a, b), S), col)
     _paint(img[sl], 0.5 * _cover(_rect_d(u - a * 0.3, v, a * 0.25, b * 0.7), S), (0.1, 0.12, 0.16))
 
@@ -287,14 +300,19 @@ def _place(rng, group: ObjectGroup, size, ctx, taken: list) -> list[tuple[float,
 # --- whole scene ---------------------------------------------------------------------------------
 
 
-def render_scene(attrs: SceneAttrs, rng: np.random.Generator, S: int, k: Knobs) -> tuple[np.ndarray, SceneAttrs]:
-    """Draw ``attrs``; returns (HxWx3 uint8, attrs of what was actually drawn)."""
+def render_scene(attrs: SceneAttrs, rng: np.random.Generator, S: int, k: Knobs,
+                 coarse_rng: np.random.Generator | None = None) -> tuple[np.ndarray, SceneAttrs]:
+    """Draw ``attrs``; returns (HxWx3 uint8, attrs of what was actually drawn).
+
+    ``coarse_rng`` (default: ``rng``) draws everything above the object scale; see the module docstring.
+    """
+    crng = rng if coarse_rng is None else coarse_rng
     covers = attrs.covers
-    img = TEXTURES[covers[0]](rng, S, k).copy()
+    img = TEXTURES[covers[0]](crng, S, k).copy()
     water = np.full((S, S), 1.0 if covers[0] == "water" else 0.0, np.float32)
     if len(attrs.regions) > 1:
-        mask = region_mask(rng, S, attrs.regions[1].side)
-        _paint(img, mask, TEXTURES[covers[1]](rng, S, k))
+        mask = region_mask(crng, S, attrs.regions[1].side)
+        _paint(img, mask, TEXTURES[covers[1]](crng, S, k))
         if covers[1] == "water":
             water = mask
         elif covers[0] == "water":
@@ -302,15 +320,15 @@ def render_scene(attrs: SceneAttrs, rng: np.random.Generator, S: int, k: Knobs) 
     sea = water.copy() if "water" in covers else None
     lines, footprint = [], np.zeros((S, S), np.float32)
     for lin in attrs.linear:
-        g = _line_geom(rng, lin, k.obj_scale)
-        river = LINE_DRAWERS[lin.kind](img, g, rng, S)
+        g = _line_geom(crng, lin, k.obj_scale)
+        river = LINE_DRAWERS[lin.kind](img, g, crng, S)
         if river is not None:
             water = np.maximum(water, river)
         footprint = np.maximum(footprint, g.footprint)
         lines.append(g)
-    shadow_dir = rng.uniform(0, 2 * math.pi)
+    shadow_dir = crng.uniform(0, 2 * math.pi)
     shadow = (0.012 * math.cos(shadow_dir), 0.012 * math.sin(shadow_dir))
-    ctx = {"lines": lines, "water": water, "grid_angle": rng.uniform(0, math.pi / 2)}
+    ctx = {"lines": lines, "water": water, "grid_angle": crng.uniform(0, math.pi / 2)}
     pad = max(1, int(math.ceil(0.06 * k.obj_scale * S)))
     ctx["sea"] = None if sea is None else 1 - _dilate(1 - sea, pad)
     ctx["free_land"] = 1 - _dilate(np.maximum(water, footprint), pad)
@@ -329,16 +347,17 @@ def render_scene(attrs: SceneAttrs, rng: np.random.Generator, S: int, k: Knobs) 
         loc = grp.location
         if not placed and loc is not None:  # location impossible here: drop it
             loc = None
-            placed = _place(rng, ObjectGroup(grp.kind, grp.count, None), size, ctx, taken)
+            placed = _place(rng, ObjectGroup(grp.kind, grp.count, None, grp.colour), size, ctx, taken)
         if placed:
-            drawn.append((grp.kind, size, placed))
-            out_groups[j >= len(groups)].append(ObjectGroup(grp.kind, len(placed), loc))
-    for kind, size, placed in drawn:
+            drawn.append((grp.kind, size, placed, grp.colour))
+            out_groups[j >= len(groups)].append(ObjectGroup(grp.kind, len(placed), loc, grp.colour))
+    for kind, size, placed, colour in drawn:
+        extra_kw = {} if colour is None else {"colour": colour}
         for x, y, th in placed:
-            OBJECT_DRAWERS[kind](img, S, x, y, th, size, rng, shadow)
+            OBJECT_DRAWERS[kind](img, S, x, y, th, size, rng, shadow, **extra_kw)
     _clutter(img, rng, S, k)
-    img *= 1 + rng.normal(0, k.colour_jitter, 3).astype(np.float32)
-    img += np.float32(rng.normal(0, k.colour_jitter / 3))
+    img *= 1 + crng.normal(0, k.colour_jitter, 3).astype(np.float32)
+    img += np.float32(crng.normal(0, k.colour_jitter / 3))
     img += rng.normal(0, k.noise, img.shape).astype(np.float32)
     out = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
     return out, SceneAttrs([Region(r.cover, r.side) for r in attrs.regions],

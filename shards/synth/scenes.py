@@ -6,13 +6,18 @@ Kept apart from drawing and captions so both describe the same vocabulary:
   grassland, bare land and industrial at higher difficulty);
 * medium scale - zero to two linear features (road, river, runway, railway);
 * small scale  - object groups (buildings, vehicles, ships, planes, storage tanks) with a count and
-  an optional location (left/right/top/bottom/center).
+  an optional location (left/right/top/bottom/center); in the fine-scale corpus also a colour
+  (buildings' roofs and vehicles: red, white, blue, yellow).
+
+Fine-scale groups (:func:`sample_layout`, :func:`sample_fine_objects`): one coarse layout (land cover
+regions and sides, linear features and their orientation, the object kinds) shared by every image of a
+group, and per image the small-scale attributes only: count (1-5), location (always given) and colour.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +28,10 @@ OBJECT_KINDS = ("building", "vehicle", "ship", "plane", "tank")
 LOCATIONS = ("left", "right", "top", "bottom", "center")
 ORIENTATIONS = ("horizontal", "vertical", "diagonal")
 MANY = 7  # counts >= MANY are described as "many"
+# Fine-scale corpus only: what varies inside a group (counts stay below MANY so each is named exactly).
+FINE_COUNTS = (1, 2, 3, 4, 5)
+COLOURS = ("red", "white", "blue", "yellow")
+COLOURED_KINDS = ("building", "vehicle")
 
 _DIFFICULTY_NAMES = {"easy": 0.0, "medium": 0.5, "hard": 1.0}
 
@@ -45,6 +54,7 @@ class ObjectGroup:
     kind: str
     count: int
     location: str | None = None
+    colour: str | None = None  # fine-scale corpus only (COLOURS, for COLOURED_KINDS)
 
 
 @dataclass
@@ -56,10 +66,14 @@ class SceneAttrs:
     distractors: list[ObjectGroup] = field(default_factory=list)  # drawn, never captioned
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for group in d["objects"] + d["distractors"]:  # no colour key unless set: the default corpus's bytes
+            if group["colour"] is None:
+                del group["colour"]
+        return d
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "SceneAttrs":
+    def from_json(cls, d: Mapping) -> SceneAttrs:
         return cls([Region(**r) for r in d["regions"]], [Linear(**x) for x in d.get("linear", [])],
                    [ObjectGroup(**o) for o in d.get("objects", [])],
                    [ObjectGroup(**o) for o in d.get("distractors", [])])
@@ -176,3 +190,20 @@ def sample_attrs(rng: np.random.Generator, k: Knobs) -> SceneAttrs:
         objects.append(ObjectGroup(o, int(c), loc))
     return SceneAttrs(regions, [Linear(kd, str(orients[i])) for i, kd in enumerate(linear)], objects)
 
+
+
+def sample_layout(rng: np.random.Generator, k: Knobs) -> SceneAttrs:
+    """The coarse layout of a fine-scale group: a scene from :func:`sample_attrs` that has objects (resampled
+    until it does); its regions, linear features and object kinds are shared by the whole group."""
+    for _ in range(1000):
+        attrs = sample_attrs(rng, k)
+        if attrs.objects:
+            return attrs
+    raise RuntimeError("no scene with objects in 1000 draws")  # p_no_objects <= 0.12: never happens
+
+
+def sample_fine_objects(rng: np.random.Generator, layout: SceneAttrs) -> list[ObjectGroup]:
+    """One image's small-scale attributes for the layout's object kinds: count, location and colour."""
+    return [ObjectGroup(g.kind, int(_pick(rng, FINE_COUNTS)), str(_pick(rng, LOCATIONS)),
+                        str(_pick(rng, COLOURS)) if g.kind in COLOURED_KINDS else None)
+            for g in layout.objects]
