@@ -262,8 +262,14 @@ def build_clip_model(cfg: MSAConfig) -> open_clip.CLIP:
 
 
 def build_clip_towers(cfg: MSAConfig) -> tuple[ClipTextEncoder, ClipImageEncoder]:
-    """(text, image) towers sharing one open_clip model's weights; its logit scale is dropped (unused)."""
+    """(text, image) towers sharing one open_clip model's weights.
+
+    The checkpoint's logit scale is kept as ``text.logit_scale_init`` (a float, log of the scale; None with
+    random towers), where ``MSAModel`` starts its learnable scale from when ``loss.learn_temperature`` is on.
+    """
     model = build_clip_model(cfg)
     text = ClipTextEncoder(model)
+    scale = getattr(model, "logit_scale", None)
+    text.logit_scale_init = float(scale) if cfg.clip.checkpoint is not None and scale is not None else None
     image = ClipImageEncoder(model.visual, cfg.clip.scales)
     return text, image

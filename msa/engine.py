@@ -8,19 +8,20 @@ The engine knows nothing of Ray or MLflow: what happens at the end of an epoch i
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from msa.checkpoint import HISTORY_FILE, load_checkpoint, save_checkpoint, unwrap
+from msa.checkpoint import HISTORY_FILE, load_checkpoint, save_checkpoint
 from msa.config import MSAConfig, OptimConfig
 from msa.data import ImageTransform, PairBatches, SplitPlan, pair_loader, steps_per_epoch
 from msa.encoders import build_tokenizer
@@ -35,11 +36,116 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over all parameters with one lr, no schedule (spec section 4)."""
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]] | None:
+    """AdamW parameter groups for ``optim.no_decay_norm_bias`` / ``optim.head_lr``; None: one group (the paper).
+
+    No decay: parameters with ndim < 2 (norm weights, biases, a logit scale) and any ``logit_scale``. Head:
+    ``model.mscmat``'s parameters, at ``head_lr``. Empty groups are left out.
+    """
+    if not cfg.no_decay_norm_bias and cfg.head_lr is None:
+        return None
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = cfg.head_lr is not None and name.startswith("mscmat.")
+        no_decay = cfg.no_decay_norm_bias and (p.ndim < 2 or "logit_scale" in name)
+        groups.setdefault((head, no_decay), []).append(p)
+    return [{"params": params, "lr": cfg.head_lr if head else cfg.lr,
+             "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+            for (head, no_decay), params in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (spec section 4): over all parameters with one lr unless ``cfg`` asks for parameter groups.
+
+    ``fused``: ``AdamW(fused=True)`` (train.fused_adamw; CUDA, and the CPU in torch >= 2.4); otherwise
+    torch's default implementation. Pass the bare model (not a DDP or compile wrapper): group names are
+    read off its parameter names.
+    """
+    groups = parameter_groups(model, cfg)
     return torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps
+        model.parameters() if groups is None else groups,
+        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps,
+        **({"fused": True} if fused else {}),
     )
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """The multiplier of each group's lr at optimiser step ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up (step s: (s + 1) / warmup_steps), then 1 ("constant") or a cosine from 1 at the end of the
+    warm-up to 0 at ``total_steps`` ("cosine").
+    """
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LRSchedule:
+    """Sets every group's lr to its base lr x ``lr_factor(step)``; ``step()`` after each optimiser step.
+
+    Stateless apart from the step counter, so a resumed run starts it at ``start_step`` (epochs done x
+    steps per epoch); base lrs are the groups' lrs when it is built (the config's).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0):
+        self.optimizer, self.cfg, self.total_steps = optimizer, cfg, total_steps
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.set_step(start_step)
+
+    def set_step(self, step: int) -> None:
+        self.step_count = step
+        factor = lr_factor(step, self.cfg, self.total_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        self.set_step(self.step_count + 1)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                   start_step: int = 0) -> LRSchedule | None:
+    """The lr schedule ``cfg`` asks for, or None for the paper's fixed lr ("constant", no warm-up)."""
+    if cfg.schedule == "constant" and cfg.warmup_steps == 0:
+        return None
+    return LRSchedule(optimizer, cfg, total_steps, start_step)
+
+
+def set_tf32(cfg: MSAConfig, device: torch.device) -> None:
+    """``train.tf32`` for the matmuls and cuDNN convolutions of an fp32 run on CUDA; nothing elsewhere."""
+    if device.type == "cuda" and autocast_dtype(cfg, device) is None:
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
+def prepare_training(
+    cfg: MSAConfig,
+    model: nn.Module,
+    device: torch.device | str,
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The one place the training path is set up from ``cfg.train``: ``(step_model, optimizer)``.
+
+    ``model`` (bare, on ``device``) is put in channels_last (``train.channels_last``) and handed to ``wrap``
+    (e.g. a DDP wrapper); the optimizer is built over its parameters (``train.fused_adamw``, the optim
+    section's groups); ``step_model`` is the wrapped model, ``torch.compile``d with ``train.compile``.
+    TF32 is set for fp32 CUDA runs (``train.tf32``). ``fit`` and ``msa.bench`` both train through this and
+    ``train_step``, so the benchmark times the step that trains.
+    """
+    device = torch.device(device)
+    set_tf32(cfg, device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, fused=cfg.train.fused_adamw)
+    step_model = wrap(model)
+    if cfg.train.compile:
+        step_model = torch.compile(step_model)
+    return step_model, optimizer
 
 
 def autocast_dtype(cfg: MSAConfig, device: torch.device) -> torch.dtype | None:
@@ -52,17 +158,57 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     cfg: MSAConfig,
     device: torch.device,
+    schedule: LRSchedule | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on one batch (``model`` may be DDP-wrapped); returns the detached loss terms."""
+    """One optimiser step on one batch (``model`` may be DDP-wrapped or compiled); returns the detached loss terms.
+
+    Images go channels_last with ``train.channels_last``; gradients are clipped to ``optim.grad_clip``
+    (total norm) before the step; ``schedule`` (if any) moves the lr on after it.
+    """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if cfg.train.channels_last:
+        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(cfg, device)
     with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
     parts = compute_loss(out, cfg.loss, batch["image_ids"])
     optimizer.zero_grad(set_to_none=True)
     parts["total"].backward()
+    if cfg.optim.grad_clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     optimizer.step()
+    if schedule is not None:
+        schedule.step()
     return {name: value.detach() for name, value in parts.items()}
+
+
+def prefetch_to(batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` copied to ``device`` one ahead, on a CUDA side stream, while the current step runs.
+
+    The copies are non-blocking (pinned host memory makes them asynchronous); the compute stream waits for
+    each batch before using it. Anywhere but CUDA the batches pass through unchanged.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+
+    def send(batch):
+        with torch.cuda.stream(stream):
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    it = iter(batches)
+    ahead = next(it, None)
+    ahead = None if ahead is None else send(ahead)
+    while ahead is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        current = ahead
+        for value in current.values():
+            value.record_stream(torch.cuda.current_stream(device))
+        nxt = next(it, None)
+        ahead = None if nxt is None else send(nxt)
+        yield current
 
 
 @dataclass
@@ -70,15 +216,24 @@ class EpochStats:
     losses: dict[str, float]  # "total" and every named term of the objective, batch means
     steps: int
     pairs_per_s: float
+    compile_seconds: float | None = None  # a compiled run's first step (compilation), left out of pairs_per_s
 
     def as_metrics(self, prefix: str = "train_") -> dict[str, float]:
         named = {("loss" if k == "total" else k): v for k, v in self.losses.items()}
-        return {**{f"{prefix}{k}": float(v) for k, v in named.items()},
-                f"{prefix}steps": float(self.steps), f"{prefix}pairs_per_s": self.pairs_per_s}
+        out = {**{f"{prefix}{k}": float(v) for k, v in named.items()},
+               f"{prefix}steps": float(self.steps), f"{prefix}pairs_per_s": self.pairs_per_s}
+        if self.compile_seconds is not None:
+            out[f"{prefix}compile_seconds"] = self.compile_seconds
+        return out
 
     def describe(self) -> str:
         terms = " ".join(f"{k} {v:.4g}" for k, v in self.losses.items() if k != "total")
         return f"loss {self.losses['total']:.3f} ({terms})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_epoch(
@@ -88,26 +243,43 @@ def train_epoch(
     cfg: MSAConfig,
     device: torch.device,
     progress=None,
+    *,
+    schedule: LRSchedule | None = None,
+    time_first_step: bool = False,
 ) -> EpochStats:
-    """One pass of ``train_step``; loss sums stay on the device until the end of the epoch."""
+    """One pass of ``train_step``; loss sums stay on the device until the end of the epoch.
+
+    ``time_first_step`` (a compiled model's first epoch): the first step, where compilation happens, is
+    timed on its own (``compile_seconds``) and left out of ``pairs_per_s``. With ``train.prefetch`` the
+    next batch is copied to a CUDA device while the step runs.
+    """
     model.train()
     totals: dict[str, torch.Tensor] = {}
     steps = pairs = 0
+    compile_seconds = None
+    if cfg.train.prefetch:
+        batches = prefetch_to(batches, device)
     start = time.perf_counter()
     for batch in batches:
-        parts = train_step(model, batch, optimizer, cfg, device)
+        parts = train_step(model, batch, optimizer, cfg, device, schedule)
         for name, value in parts.items():
             totals[name] = totals.get(name, 0) + value.double()
         steps += 1
-        pairs += batch["images"].shape[0]
+        if time_first_step and steps == 1:
+            _sync(device)
+            compile_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            pairs += batch["images"].shape[0]
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{parts['total'].item():.2f}")
+    _sync(device)
     elapsed = time.perf_counter() - start
     if steps == 0:
         raise RuntimeError("the epoch yielded no batches")
     means = {name: float(total) / steps for name, total in totals.items()}
-    return EpochStats(means, steps=steps, pairs_per_s=pairs / max(elapsed, 1e-9))
+    return EpochStats(means, steps=steps, pairs_per_s=pairs / max(elapsed, 1e-9), compile_seconds=compile_seconds)
 
 
 @dataclass
@@ -189,13 +361,13 @@ def fit(
     device = torch.device(device)
     seed_everything(cfg.train.seed)
     tokenizer = build_tokenizer(cfg)
-    model = dist.prepare_model(MSAModel(cfg).to(device))
-    optimizer = build_optimizer(model, cfg.optim)
+    model = MSAModel(cfg).to(device)
+    step_model, optimizer = prepare_training(cfg, model, device, wrap=dist.prepare_model)
 
     start_epoch, history = 0, []
     state = sink.resume_state(device)
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if dist.rank == 0:
@@ -214,6 +386,8 @@ def fit(
         seed=cfg.train.seed,
         key_filter=plan.train_filter(),
     )
+    steps = steps_per_epoch(plan.train_pairs, cfg.train.batch_size, dist.world_size)
+    schedule = build_schedule(optimizer, cfg.optim, steps * cfg.train.epochs, start_step=steps * start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
         dataset.set_epoch(epoch)
         if epoch == start_epoch:
@@ -222,7 +396,8 @@ def fit(
             log(f"[msa] rank {dist.rank} of {dist.world_size}{dist.where} reads shards {names}"
                 + (" (sample stride)" if stride else ""))
         loader = pair_loader(dataset, cfg.train.loader_workers, pin_memory=device.type == "cuda")
-        stats = train_epoch(model, loader, optimizer, cfg, device)
+        stats = train_epoch(step_model, loader, optimizer, cfg, device, schedule=schedule,
+                            time_first_step=cfg.train.compile and epoch == start_epoch)
         metrics: dict[str, float] = {"epoch": epoch, **stats.as_metrics()}
         metrics["train_pairs_per_s"] = stats.pairs_per_s * dist.world_size
         if dist.rank != 0:
@@ -230,7 +405,7 @@ def fit(
             continue
         started = time.perf_counter()
         val = embed_split(
-            unwrap(model),
+            model,
             plan.val_urls,
             transform=transform,
             tokenizer=tokenizer,

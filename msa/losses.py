@@ -121,10 +121,13 @@ def hardest_triplet_loss(
     return loss / sims.shape[0] if reduction == "mean" else loss
 
 
-def infonce_loss(img: Tensor, txt: Tensor, temperature: float = 0.07, *, image_ids: Tensor | None = None) -> Tensor:
+def infonce_loss(
+    img: Tensor, txt: Tensor, temperature: float | Tensor = 0.07, *, image_ids: Tensor | None = None
+) -> Tensor:
     """Symmetric InfoNCE (CLIP's contrastive loss) on L2-normalised img, txt [B, D], item i matching item i.
 
     Mean of the image->text and text->image cross-entropies of cosine / temperature over the batch.
+    ``temperature`` may be a 0-d tensor (1 / a learnable logit scale), which then receives a gradient.
     ``image_ids`` removes other captions of the same image from the negatives.
     """
     logits = img @ txt.T / temperature
@@ -149,7 +152,7 @@ def msa_loss(
     triplet_reduction: Literal["sum", "mean"] = "sum",
     triplet_negatives: Literal["hardest", "all"] = "hardest",
     w_infonce: float = 0.0,
-    infonce_temperature: float = 0.07,
+    infonce_temperature: float | Tensor = 0.07,
 ) -> dict[str, Tensor]:
     """The full objective from MSCMAT scores S [K, B, B] and global embeddings img, txt [B, D].
 
@@ -185,8 +188,11 @@ def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: Tensor | None = Non
     """The objective ``cfg`` describes, from a forward pass: ``total`` plus one unweighted entry per term.
 
     Scores and embeddings are cast to float32 first (autocast may have produced bf16). ``image_ids``
-    is used only when ``cfg.mask_same_image`` is on.
+    is used only when ``cfg.mask_same_image`` is on. When the model has a learnable logit scale
+    (``out.logit_scale``, ``loss.learn_temperature``), InfoNCE uses 1 / that scale as its temperature.
     """
+    scale = getattr(out, "logit_scale", None)
+    temperature = cfg.infonce_temperature if scale is None else 1 / scale.float()
     return msa_loss(
         out.scores.float(),
         out.image_emb.float(),
@@ -201,5 +207,5 @@ def compute_loss(out: MSAOutput, cfg: LossConfig, image_ids: Tensor | None = Non
         triplet_reduction=cfg.triplet_reduction,
         triplet_negatives=cfg.triplet_negatives,
         w_infonce=cfg.w_infonce,
-        infonce_temperature=cfg.infonce_temperature,
+        infonce_temperature=temperature,
     )

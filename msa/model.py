@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ class MSAOutput:
     image_emb: torch.Tensor  # [B, D] L2-normalised global image embeddings (v)
     text_emb: torch.Tensor  # [B, D] L2-normalised caption [CLS]
     scores: torch.Tensor  # [K, B, B] MSCMAT scores, rows images, columns captions
+    logit_scale: torch.Tensor | None = None  # learnable InfoNCE scale exp(s) clamped at 100 (loss.learn_temperature)
 
 
 class MSAModel(nn.Module):
@@ -27,6 +29,11 @@ class MSAModel(nn.Module):
         dim = self.text.hidden_size
         self.mscmat = MSCMAT(self.image.stage_dims, d_model=dim, num_heads=cfg.mscmat.num_heads)
         self.use_padding_mask = cfg.mscmat.key_padding_mask
+        self.logit_scale: nn.Parameter | None = None
+        if cfg.loss.learn_temperature:  # CLIP's: log of the scale, from a CLIP checkpoint when it had one
+            init = getattr(self.text, "logit_scale_init", None)
+            start = math.log(1 / cfg.loss.infonce_temperature) if init is None else init
+            self.logit_scale = nn.Parameter(torch.tensor(float(start)))
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         v, scale_feats = self.image(images)
@@ -43,5 +50,6 @@ class MSAModel(nn.Module):
         text_emb, tokens = self.encode_text(input_ids, attention_mask)
         padding = (attention_mask[:, 1 : 1 + tokens.shape[1]] == 0) if self.use_padding_mask else None
         scores = self.mscmat(scale_feats, tokens, text_emb, key_padding_mask=padding)
-        return MSAOutput(image_emb, text_emb, scores)
+        scale = None if self.logit_scale is None else self.logit_scale.exp().clamp(max=100)
+        return MSAOutput(image_emb, text_emb, scores, scale)
 

@@ -108,28 +108,36 @@ def test_train_section_times_the_engine_step(full_run):
 
 def test_timed_step_is_msa_engine_train_step(monkeypatch, capsys):
     """Every timed, warm-up and FLOP-counting call of the train section goes through the engine's step,
-    with the bench-side --fused-adamw applied to the optimizer handed to it."""
+    with model and optimizer from the engine's prepare_training: --fused-adamw / --channels-last set the
+    config fields the engine reads, nothing is applied bench-side."""
     import msa.bench.cli
     import msa.engine
 
-    calls = []
-    real = msa.engine.train_step
+    calls, prepared = [], []
+    real, real_prepare = msa.engine.train_step, msa.engine.prepare_training
 
     def counting(model, batch, optimizer, cfg, device):
-        calls.append((batch["images"].shape[0], optimizer.defaults.get("fused")))
+        calls.append((batch["images"].shape[0], optimizer.defaults.get("fused"), cfg.train.fused_adamw,
+                      cfg.train.channels_last))
         return real(model, batch, optimizer, cfg, device)
+
+    def preparing(cfg, model, device, *args, **kwargs):
+        prepared.append((cfg.train.fused_adamw, cfg.train.channels_last, cfg.train.compile))
+        return real_prepare(cfg, model, device, *args, **kwargs)
 
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(key, "1")
     monkeypatch.setattr(msa.engine, "train_step", counting)
+    monkeypatch.setattr(msa.engine, "prepare_training", preparing)
     threads = torch.get_num_threads()
     try:
         assert msa.bench.cli.main(["--tiny", "--device", "cpu", "--sections", "train", "--batch-sizes", "2",
-                                   "--steps", "2", "--warmup", "1", "--fused-adamw", "--no-encoders-row",
-                                   "--matmul-tflops", "1"]) == 0
+                                   "--steps", "2", "--warmup", "1", "--fused-adamw", "--channels-last",
+                                   "--no-encoders-row", "--matmul-tflops", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert calls == [(2, True)] * 4  # FLOP count + 1 warm-up + 2 timed
+    assert prepared == [(True, True, False)]
+    assert calls == [(2, True, True, True)] * 4  # FLOP count + 1 warm-up + 2 timed
     assert "optimizer: AdamW(fused=True)" in capsys.readouterr().out
 
 

@@ -33,10 +33,13 @@ PAPER = {
     "mscmat": {"num_heads": 12, "key_padding_mask": False},
     "loss": {"w_align": 15.0, "w_cons": 10.0, "margin": 0.5, "cons_temperature": 2.0, "align_temperature": None,
              "align_both_directions": False, "mask_same_image": False, "triplet_reduction": "sum",
-             "triplet_negatives": "hardest", "w_infonce": 0.0, "infonce_temperature": 0.07},
-    "optim": {"lr": 1e-5, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
+             "triplet_negatives": "hardest", "w_infonce": 0.0, "infonce_temperature": 0.07,
+             "learn_temperature": False},
+    "optim": {"lr": 1e-5, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "schedule": "constant",
+              "warmup_steps": 0, "grad_clip": None, "no_decay_norm_bias": False, "head_lr": None},
     "train": {"batch_size": 32, "epochs": 60, "seed": 1, "val_fraction": 0.1, "eval_batch_size": 128,
-              "loader_workers": 1, "bf16": True, "keep_checkpoints": 2},
+              "loader_workers": 1, "bf16": False, "keep_checkpoints": 2, "compile": False, "channels_last": False,
+              "fused_adamw": False, "tf32": False, "prefetch": False},
 }
 
 CLIP_IMAGE = {"weights": None, "size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -60,7 +63,7 @@ EXPECTED = {
         mscmat={"num_heads": 4},
         loss={"triplet_negatives": "all"},
         optim={"lr": 5e-4, "weight_decay": 0.01},
-        train={"batch_size": 32, "epochs": 6, "eval_batch_size": 256},
+        train={"batch_size": 32, "epochs": 6, "eval_batch_size": 256, "bf16": True},
     ),
     "pretrained-lite": _with(
         {**PAPER, "preset": "pretrained-lite"},
@@ -68,7 +71,7 @@ EXPECTED = {
         text={"model": "packaged:all-minilm-l6-v2", "weights": "pretrained"},
         mscmat={"num_heads": 12},
         optim={"lr": 1e-4, "weight_decay": 0.05},
-        train={"batch_size": 32, "epochs": 10, "eval_batch_size": 128},
+        train={"batch_size": 32, "epochs": 10, "eval_batch_size": 128, "bf16": True},
     ),
     **{
         name: _with(
@@ -78,15 +81,26 @@ EXPECTED = {
             clip={"arch": arch},
             mscmat={"num_heads": 8},
             optim={"lr": 5e-6},
-            train={"batch_size": 128, "epochs": 10},
+            train={"batch_size": 128, "epochs": 10, "bf16": True},
         )
         for name, arch in (("clip-vit-b32", "ViT-B-32"), ("clip-vit-l14", "ViT-L-14"), ("clip-rn50", "RN50"))
     },
+    "clip-georsclip-ft": _with(
+        {**PAPER, "preset": "clip-georsclip-ft"},
+        image={**CLIP_IMAGE, "backbone": "open_clip:ViT-B-32"},
+        text={"model": "open_clip:ViT-B-32", "weights": None, "max_tokens": 77},
+        clip={"arch": "ViT-B-32"},
+        mscmat={"num_heads": 8},
+        loss={"w_infonce": 1.0, "learn_temperature": True},
+        optim={"lr": 5e-6, "schedule": "cosine", "warmup_steps": 100, "grad_clip": 50.0, "no_decay_norm_bias": True},
+        train={"batch_size": 256, "epochs": 5, "bf16": True},
+    ),
 }
 
 
 def test_presets_are_the_known_ones() -> None:
-    assert sorted(PRESETS) == ["clip-rn50", "clip-vit-b32", "clip-vit-l14", "paper", "pretrained-lite", "small"]
+    assert sorted(PRESETS) == ["clip-georsclip-ft", "clip-rn50", "clip-vit-b32", "clip-vit-l14", "paper",
+                               "pretrained-lite", "small"]
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
@@ -106,6 +120,12 @@ def test_paper_preset_is_the_reference() -> None:
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps) == (1e-5, 0.1, 1e-8)
     assert tuple(cfg.optim.betas) == (0.9, 0.999)
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.seed) == (32, 60, 1)
+    # The authors trained AdamW in fp32 with a fixed lr: no schedule, clipping, groups or training-path options.
+    assert cfg.train.bf16 is False
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.grad_clip) == ("constant", 0, None)
+    assert (cfg.optim.no_decay_norm_bias, cfg.optim.head_lr, cfg.loss.learn_temperature) == (False, None, False)
+    t = cfg.train
+    assert not (t.compile or t.channels_last or t.fused_adamw or t.tf32 or t.prefetch)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -196,7 +216,14 @@ def test_bad_overrides_raise_one_line(override: str, key: str) -> None:
         ("clip.scales=0", "clip.scales=0: must be an integer >= 1"),
         ("clip.model_cfg=3", "clip.model_cfg=3: must be a mapping with string keys"),
         ("train.bogus=1", "train.bogus: unknown config key; valid keys in train: batch_size, epochs, seed, "
-                          "val_fraction, eval_batch_size, loader_workers, bf16, keep_checkpoints"),
+                          "val_fraction, eval_batch_size, loader_workers, bf16, keep_checkpoints, compile, "
+                          "channels_last, fused_adamw, tf32, prefetch"),
+        ("optim.schedule=linear", "optim.schedule='linear': must be one of 'constant', 'cosine'"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps=-1: must be an integer >= 0"),
+        ("optim.grad_clip=0", "optim.grad_clip=0: must be a finite number > 0 or null"),
+        ("optim.head_lr=-0.5", "optim.head_lr=-0.5: must be a finite number > 0 or null"),
+        ("train.compile=yes please", "train.compile='yes please': must be true or false"),
+        ("loss.learn_temperature=3", "loss.learn_temperature=3: must be true or false"),
         ("bogus.x=1", "bogus.x: unknown config key; keys look like section.key (e.g. train.epochs), "
                       "sections: image, text, clip, mscmat, loss, optim, train"),
     ],
@@ -216,7 +243,8 @@ def test_unknown_preset() -> None:
     with pytest.raises(ConfigError) as info:
         resolve_config("x")
     assert str(info.value) == (
-        "unknown preset 'x'; choose one of clip-rn50, clip-vit-b32, clip-vit-l14, paper, pretrained-lite, small"
+        "unknown preset 'x'; choose one of clip-georsclip-ft, clip-rn50, clip-vit-b32, clip-vit-l14, paper, "
+        "pretrained-lite, small"
     )
 
 

@@ -5,8 +5,8 @@ Sections (``--sections``, default all four), one module each:
 * ``train`` (``train.py``) one full optimisation step, ``msa.engine.train_step`` itself (both towers,
   MSCMAT, every loss, backward, AdamW), on random inputs, compute only: ms/step, pairs/s, peak memory,
   model FLOPs (``FlopCounterMode``, fwd+bwd) and MFU against the measured matrix-multiply rate of the
-  device (bf16 on a GPU, fp32 on the CPU). ``--compile``, ``--channels-last`` and ``--fused-adamw`` are
-  applied bench-side, to the model, batch and optimizer handed to that step, until the engine gains them.
+  device (bf16 on a GPU, fp32 on the CPU). ``--compile``, ``--channels-last`` and ``--fused-adamw`` set
+  the config's ``train.compile/channels_last/fused_adamw``; ``msa.engine.prepare_training`` applies them, as in ``fit``.
 * ``mscmat`` (``mscmat.py``) the library MSCMAT forward + backward against a naive pair-by-pair MSCMAT
   kept here (never in the library) as the in-run baseline; the two are first shown to agree (max |diff|
   printed).

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast for train, mscmat and eval; GPU only, as in training "
                    "(default: the preset's train.bf16 on a GPU, off on the CPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format for the CNN and its input, GPU only (default: off, as "
-                   "msa.engine does today; --channels-last measures what it would gain)")
+                   help="channels_last memory format for the model and its input: sets train.channels_last "
+                   "(default: the preset's, off in every preset); the mscmat and eval sections use it too")
     p.add_argument("--sections", type=_sections, default=SECTIONS,
                    help=f"comma-separated subset of {','.join(SECTIONS)}, run in that order")
     p.add_argument("--tiny", action="store_true",
@@ -99,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op CPU threads (default: torch's choice; --tiny: 1). On a loaded machine "
                    "use 1: with more threads than free cores every op waits on descheduled threads")
     g = p.add_argument_group("train options")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for the train step "
-                   "(compilation happens in the warm-up; FLOPs are counted on the eager model)")
+    g.add_argument("--compile", action="store_true", help="sets train.compile: torch.compile of the model, as "
+                   "msa.engine.prepare_training does in training (compilation happens in the warm-up; FLOPs are "
+                   "counted on the eager model)")
     g.add_argument("--fused-adamw", action="store_true",
-                   help="AdamW(fused=True) with the preset's hyper-parameters instead of msa.engine.build_optimizer")
+                   help="sets train.fused_adamw: AdamW(fused=True), as msa.engine.prepare_training builds it")
     g.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark=True")
     g.add_argument("--no-encoders-row", action="store_true", help="skip the encoders-only fwd+bwd timing")
     g = p.add_argument_group("mscmat options")
@@ -149,7 +150,13 @@ def _resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, torch.device
     tiny = args.tiny
     preset = args.preset or ("paper" if device.type == "cuda" and not tiny else "small")
     overrides = (list(TINY["overrides"]) if tiny else []) + ["image.weights=null", "text.weights=null"] + args.set
+    # The train options are config fields: the engine applies them exactly as it does in training.
+    overrides += [f"train.{key}=true" for key, on in (("compile", args.compile), ("fused_adamw", args.fused_adamw),
+                                                      ("channels_last", args.channels_last)) if on]
+    if args.channels_last is False:
+        overrides.append("train.channels_last=false")
     cfg = resolve_config(preset, overrides)
+    args.compile, args.fused_adamw = cfg.train.compile, cfg.train.fused_adamw
 
     def pick(name, default, tiny_value=None):
         if getattr(args, name) is None:
@@ -178,9 +185,7 @@ def _resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, torch.device
         if args.threads < 1:
             raise SystemExit("msa.bench: --threads must be >= 1")
         torch.set_num_threads(args.threads)
-    if args.channels_last and device.type != "cuda":
-        log("--channels-last applies on a GPU only: ignored on the CPU")
-    args.channels_last = bool(args.channels_last) and device.type == "cuda"
+    args.channels_last = cfg.train.channels_last
     return args, device, cfg
 
 

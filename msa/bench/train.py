@@ -6,17 +6,11 @@ The timed call is ``msa.engine.train_step(model, batch, optimizer, cfg, device)`
 Reported: ms/step, pairs/s, peak memory, model FLOPs (``FlopCounterMode``, fwd+bwd, one untimed step on
 the eager model) and MFU against the measured matrix-multiply rate of the device.
 
-Bench-side options. The engine has no switch for these yet, so the bench applies them to the model,
-the batch or the optimizer *before* handing them to the shared ``train_step``, which stays untouched;
-they stay here until the engine gains them (issue 15 moves them into the config):
-
-* ``--compile``: ``torch.compile`` of the model module; ``train_step`` gets the compiled module.
-* ``--channels-last``: the CNN tower and the image batch are converted to ``torch.channels_last``
-  (``Bench.model`` and ``Bench.images``), GPU only.
-* ``--fused-adamw``: ``torch.optim.AdamW(..., fused=True)`` with the preset's hyper-parameters
-  instead of ``msa.engine.build_optimizer``.
-* ``--bf16`` / ``--no-bf16``: passed to the engine through the config it reads (``train.bf16`` of a
-  copy of the run's config), so the engine's own ``autocast_dtype`` decides, as in training.
+Training-path options come from the config, as in training: ``--compile``, ``--channels-last`` and
+``--fused-adamw`` set ``train.compile``, ``train.channels_last`` and ``train.fused_adamw`` of the run's
+config (so do ``--set train.compile=true`` etc.), and the model and optimizer are prepared by
+``msa.engine.prepare_training``, the function ``fit`` calls; ``--bf16`` / ``--no-bf16`` set ``train.bf16``
+of the config the step reads, so the engine's own ``autocast_dtype`` decides. Nothing is applied bench-side.
 """
 
 from __future__ import annotations
@@ -34,22 +28,17 @@ from msa.bench.timing import LiveTensorBytes, free_device_memory, is_oom, time_c
 STEP = "msa.engine.train_step"
 
 
-def bench_optimizer(model: torch.nn.Module, cfg: Any, fused: bool) -> torch.optim.Optimizer:
-    """``msa.engine.build_optimizer``, or (``--fused-adamw``, bench-side) the same AdamW with ``fused=True``."""
-    from msa.engine import build_optimizer
-
-    if not fused:
-        return build_optimizer(model, cfg.optim)
-    o = cfg.optim
-    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                             betas=tuple(o.betas), eps=o.eps, fused=True)
-
-
 def step_config(cfg: Any, bf16: bool) -> Any:
     """The run's config with ``train.bf16`` set to the bench's precision, for the engine to read."""
     if cfg.train.bf16 == bf16:
         return cfg
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": bf16})})
+
+
+def optimizer_label(optimizer: torch.optim.Optimizer) -> str:
+    fused = optimizer.defaults.get("fused")
+    return f"AdamW(fused=True) ({len(optimizer.param_groups)} groups)" if fused else \
+        f"AdamW ({len(optimizer.param_groups)} groups)"
 
 
 def _measure(b: Bench, bs: int, model, eager, optimizer, step_cfg, peak: float, static: int) -> dict[str, Any]:
@@ -106,11 +95,12 @@ def _measure(b: Bench, bs: int, model, eager, optimizer, step_cfg, peak: float, 
 
 
 def section_train(b: Bench) -> dict[str, Any]:
+    from msa.engine import prepare_training
+
     a, device, cfg = b.args, b.device, b.cfg
-    eager = b.model  # channels_last (bench-side) already applied by Bench.model
-    model = torch.compile(eager) if a.compile else eager  # --compile, bench-side
-    optimizer = bench_optimizer(eager, cfg, a.fused_adamw)
     step_cfg = step_config(cfg, b.bf16)
+    eager = b.model
+    model, optimizer = prepare_training(step_cfg, eager, device)  # as msa.engine.fit prepares them
     eager.train()
     peak = b.results["meta"]["matmul"]["tflops"] * 1e12
     static = sum(p.numel() * p.element_size() for p in eager.parameters())
@@ -144,11 +134,11 @@ def section_train(b: Bench) -> dict[str, Any]:
             r["x_reference_pairs_per_s"] = r["pairs_per_s"] / ref[32]["pairs_per_s"]
             line.append(r["x_reference_pairs_per_s"])
         body.append(line)
-    notes = [f"step: {STEP} (the training path's step); bench-side before it: channels_last, compile, "
-             "fused AdamW (until the engine gains them)",
-             f"precision: {'bf16 autocast' if b.bf16 else 'fp32'}; channels_last: {b.channels_last}; "
-             f"compile: {a.compile}; optimizer: "
-             f"{'AdamW(fused=True)' if a.fused_adamw else 'msa.engine.build_optimizer'}",
+    t = step_cfg.train
+    notes = [f"step: {STEP} (the training path's step), model and optimizer from msa.engine.prepare_training",
+             f"precision: {'bf16 autocast' if b.bf16 else 'fp32'}; channels_last: {t.channels_last}; "
+             f"compile: {t.compile}; tf32: {t.tf32 and not b.bf16 and device.type == 'cuda'}; "
+             f"optimizer: {optimizer_label(optimizer)}; grad clip: {step_cfg.optim.grad_clip}",
              f"MFU against the measured {b.results['meta']['matmul']['dtype']} matmul rate "
              f"{fmt(b.results['meta']['matmul']['tflops'])} TFLOP/s; FLOPs: FlopCounterMode, one step fwd+bwd",
              f"memory: {rows[0].get('mem_kind', '-') if rows else '-'}",
