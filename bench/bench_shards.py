@@ -6,16 +6,21 @@
 
 Prints images/s for ``write_shards`` (in-process, first write into an empty folder) and for
 ``tar -cf`` (a subprocess) of the same files, each the best of ``--repeat`` runs, and their ratio;
-the target is a ratio within 2x when no --resize is given. For scale it also times Python's own
-``tarfile`` adding the same files without any checks (the floor of a pure-Python writer), an
-up-to-date rerun (annotations + image checks + digest, nothing written) and ``verify_shards``.
+the target is a ratio within 2x when no --resize is given. For scale it also times reading and
+sha256-hashing every file once (the writer must hash the bytes twice: image digests for the source
+digest and content keys, each shard's sha256 for the manifest; without SHA extensions in the CPU
+that alone can approach 2x tar), Python's own ``tarfile`` adding the same files without any checks,
+an up-to-date rerun (annotations + image checks + digest, nothing written), an incremental rerun
+after one caption changed, and ``verify_shards``. ``--scaling`` times 1, 2, 4, ... workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resize", type=int, help="re-encode to this shorter side (not comparable with tar)")
     ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of each, best kept (default: 2)")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also time 1, 2, 4, ... workers up to the CPUs available (throughput against workers)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args(argv)
     if args.small:
@@ -118,11 +125,26 @@ def main(argv: list[str] | None = None) -> int:
                     tf.add(p, arcname=p.name)
             return out
 
+        def run_edited(ann: Path, images: Path, uri: str):
+            """Re-shard into ``uri`` after changing one caption (Karpathy layout only; else None)."""
+            doc = json.loads(ann.read_text())
+            if not isinstance(doc, dict) or not doc.get("images"):
+                return None
+            doc["images"][0]["sentences"][0]["raw"] = "an edited caption"
+            edited = work / ann.name
+            edited.write_text(json.dumps(doc))
+            return write_shards(edited, images, uri, workers=args.workers, resize=args.resize,
+                                shard_size=args.shard_size, progress=False)
+
         def run_shards():
             return write_shards(ann, images, str(work / f"shards-{next(runs)}"), workers=args.workers,
                                 resize=args.resize, shard_size=args.shard_size, progress=False)
 
+        def run_hash():  # what hashing alone costs: read every file and sha256 it once, nothing else
+            return [hashlib.sha256(p.read_bytes()).digest() for p in files]
+
         t_tar, _ = best_of(args.repeat, run_tar)
+        t_hash, _ = best_of(args.repeat, run_hash)
         t_pytar, _ = best_of(args.repeat, run_pytar)
         t_shards, m = best_of(args.repeat, run_shards)
         t_rerun, m2 = best_of(1, lambda: write_shards(ann, images, m.uri, workers=args.workers, resize=args.resize,
@@ -130,22 +152,39 @@ def main(argv: list[str] | None = None) -> int:
         assert m2.reused
         t_verify, rep = best_of(1, lambda: verify_shards(m.uri))
         assert rep.ok, rep.problems
+        t_incr, m3 = best_of(1, lambda: run_edited(ann, images, m.uri))
         n = sum(s.images for s in m.splits.values())
         ratio = t_shards / t_tar
         print(f"corpus: {n} images written of {n_files} files, {total / 1e6:.1f} MB, {len(m.shards())} shards, "
-              f"workers={args.workers}, resize={args.resize}")
+              f"workers={args.workers}, resize={args.resize}, {os.cpu_count()} CPUs")
         print(f"tar -cf      : {t_tar:7.3f} s  {n_files / t_tar:9.0f} images/s")
+        print(f"sha256 once  : {t_hash:7.3f} s  {n_files / t_hash:9.0f} images/s  (read + sha256 of every file: "
+              f"{t_hash / t_tar:.2f}x tar; the writer hashes the bytes twice: image digests, shard sha256)")
         print(f"py tarfile   : {t_pytar:7.3f} s  {n_files / t_pytar:9.0f} images/s  (Python tarfile.add, no checks: "
               f"{t_pytar / t_tar:.2f}x tar)")
         print(f"write_shards : {t_shards:7.3f} s  {n / t_shards:9.0f} images/s  (check + write + manifest)")
         print(f"ratio        : {ratio:7.2f}x tar's time" + ("" if args.resize else
                                                             f"  (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})"))
         print(f"rerun        : {t_rerun:7.3f} s  (up to date, nothing written)")
+        if m3 is not None:
+            rewritten, reused = m3.write_counts
+            print(f"incremental  : {t_incr:7.3f} s  (one caption changed: {rewritten} shard(s) rewritten, "
+                  f"{reused} reused)")
         print(f"verify       : {t_verify:7.3f} s  ({rep.checked} shards re-hashed)")
+        scaling = {}
+        if args.scaling:
+            for w in [1] + [k for k in (2, 4, 8, 16, 32, 64) if k <= (os.cpu_count() or 1)]:
+                t_w, _ = best_of(args.repeat, lambda w=w: write_shards(
+                    ann, images, str(work / f"shards-{next(runs)}"), workers=w, resize=args.resize,
+                    shard_size=args.shard_size, progress=False))
+                scaling[w] = n / t_w
+                print(f"workers {w:<4} : {t_w:7.3f} s  {n / t_w:9.0f} images/s  ({scaling[w] / scaling[1]:.2f}x "
+                      "one worker)")
         if args.json:
-            print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "pytar_s": t_pytar, "shards_s": t_shards,
-                              "ratio": ratio,
-                              "rerun_s": t_rerun, "verify_s": t_verify, "workers": args.workers}))
+            print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "sha256_s": t_hash, "pytar_s": t_pytar,
+                              "shards_s": t_shards, "ratio": ratio, "rerun_s": t_rerun, "incremental_s": t_incr,
+                              "verify_s": t_verify, "workers": args.workers, "cpus": os.cpu_count(),
+                              "scaling_images_per_s": scaling}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,7 +1,8 @@
 """Corpus sharding: annotation readers, deterministic WebDataset shard writer, manifest, storage.
 
-Only numpy, Pillow, fsspec/s3fs, tqdm and pydantic are used here (no torch, prefect, ray or
-mlflow). Names are imported lazily so worker processes load only what they need.
+Only numpy, Pillow, fsspec/s3fs, tqdm and pydantic are used here (no torch, prefect or mlflow);
+Ray only when the writer is asked to run on it (:mod:`shards.distributed`). Names are imported
+lazily so worker processes load only what they need.
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 
 Layout of a shard set::
 
-    URI/manifest.json                   this manifest (schema_version 1)
+    URI/manifest.json                   this manifest (schema_version 2)
     URI/sizes.json                      {"train/train-000000.tar": n_samples, ...} (open_clip style)
-    URI/<split>/<split>-000000.tar ...
+    URI/<split>/<split>-NNNNNN.tar ...  NNNNNN: where the shard's keys start in hash order
+                                        (shards.assign); not consecutive, list them from here
 
 The dataset ``digest`` is the sha256 of the schema version and the sorted (shard name, shard sha256)
 pairs: it identifies the shard content. ``source_digest`` identifies the input (annotation bytes,
-image bytes, options); a rerun with the same source digest finds the work already done.
+image bytes, options); a rerun with the same source digest finds the work already done. Each
+shard's ``content`` key says what it holds, so a rerun on a changed input keeps (lists in
+``reused_shards``) every shard whose content key is unchanged.
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ __all__ = [
     "SHARD_RE",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards assigned by key (shards.assign), content keys
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-# A shard of this layout: "<split>/<split>-NNNNNN.tar".
-SHARD_RE = re.compile(r"^([A-Za-z0-9_-]+)/\1-\d{6}\.tar$")
+# A shard of this layout: "<split>/<split>-NNNNNN.tar" (binary digits follow in splits of > 2^19 shards).
+SHARD_RE = re.compile(r"^([A-Za-z0-9_-]+)/\1-\d{6}[01]*\.tar$")
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}/{split}-{index:06d}.tar"
+def shard_name(split: str, label: str) -> str:
+    return f"{split}/{split}-{label}.tar"
 
 
 class ShardInfo(BaseModel):
@@ -52,6 +55,7 @@ class ShardInfo(BaseModel):
     bytes: int
     sha256: str
     samples: int
+    content: str | None = None  # shards.assign.content_key of its members: equal keys, equal bytes
 
 
 class SplitInfo(BaseModel):
@@ -90,6 +94,7 @@ class Manifest(BaseModel):
     quarantine: list[QuarantineEntry] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     leaks: list[Leak] | None = None  # None when the leak check was not run
+    reused_shards: list[str] = Field(default_factory=list)  # kept from the previous write, not rewritten
 
     _base_uri: str | None = PrivateAttr(default=None)
     _reused: bool = PrivateAttr(default=False)
@@ -112,6 +117,12 @@ class Manifest(BaseModel):
     def reused(self) -> bool:
         """True when ``write_shards`` found this set already up to date and wrote nothing."""
         return self._reused
+
+    @property
+    def write_counts(self) -> tuple[int, int]:
+        """(rewritten, reused) shards of the ``write_shards`` call that returned this manifest."""
+        total = sum(len(s.shards) for s in self.splits.values())
+        return (0, total) if self._reused else (total - len(self.reused_shards), len(self.reused_shards))
 
     def shards(self) -> list[ShardInfo]:
         return [s for split in sorted(self.splits) for s in self.splits[split].shards]
@@ -177,10 +188,13 @@ def manifest_exists(uri: str, storage_options: dict | None = None) -> bool:
     return Store(uri, storage_options).size(MANIFEST_NAME) is not None
 
 
-def verify_shards(uri: str, storage_options: dict | None = None) -> VerifyReport:
+def verify_shards(uri: str, storage_options: dict | None = None, progress: bool = False) -> VerifyReport:
     """Re-hash every shard listed in the manifest and report missing, corrupt (size or sha256
     mismatch) and extra (unlisted ``<split>/<split>-NNNNNN.tar``) shards, leftover temporaries,
-    and a manifest whose digest or sizes.json disagree with its shards."""
+    and a manifest whose digest or sizes.json disagree with its shards. ``progress``: a tqdm bar
+    on stderr, in bytes."""
+    from .distributed import progress_bar
+
     store = Store(uri, storage_options)
     rep = VerifyReport(uri=store.uri, ok=False)
     try:
@@ -193,9 +207,11 @@ def verify_shards(uri: str, storage_options: dict | None = None) -> VerifyReport
     if dataset_digest(listed, m.schema_version) != m.digest:
         rep.problems.append(f"{MANIFEST_NAME}: dataset digest does not match its shard list")
     present = store.list_files()
+    bar = progress_bar(sum(s.bytes for s in listed), "verify", progress, unit="B")
     for s in listed:
         rep.checked += 1
         got = store.sha256(s.name) if s.name in present else None
+        bar.update(s.bytes)
         if got is None:
             rep.missing.append(s.name)
             rep.problems.append(f"{s.name}: missing")
@@ -205,6 +221,7 @@ def verify_shards(uri: str, storage_options: dict | None = None) -> VerifyReport
         elif got[0] != s.sha256:
             rep.corrupt.append(s.name)
             rep.problems.append(f"{s.name}: sha256 {got[0][:16]}..., manifest says {s.sha256[:16]}...")
+    bar.close()
     names = {s.name for s in listed}
     for name in sorted(present):
         if (SHARD_RE.match(name) and name not in names) or TMP_RE.search(name):

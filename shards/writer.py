@@ -1,37 +1,41 @@
 """Write a captioned image corpus as deterministic WebDataset shards.
 
-``write_shards`` works in two phases:
+``write_shards`` works in three phases:
 
-1. Read the annotations and check every image (in a process pool when ``workers > 1``). With
-   ``on_error="fail"`` any problem raises :class:`~shards.readers.InputError` here, before anything
-   is written; with ``"skip"`` the bad samples go to the manifest's quarantine list.
-2. Unless the output already holds a complete set with the same source digest and options (then
-   nothing is written and ``Manifest.reused`` is True): delete the old manifest first, write every
-   shard atomically, remove stale shards of an earlier run, then write ``sizes.json`` and, last,
-   ``manifest.json``. An interrupted run therefore never leaves a manifest covering missing or
-   partial shards.
+1. Check: read the annotations and check every image, in-process, in a process pool
+   (``workers > 1``) or as Ray tasks (``ray_address``). With ``on_error="fail"`` any problem raises
+   :class:`~shards.readers.InputError` here, before anything is written; with ``"skip"`` the bad
+   samples go to the manifest's quarantine list.
+2. Plan: each sample's shard follows from its key (:mod:`shards.assign`) and each shard gets a
+   content key. If the output already holds a complete set with the same source digest and
+   options, nothing is written (``Manifest.reused`` is True). Otherwise a shard of the previous
+   set with the same name and content key, still present with its size, is kept as it is
+   (``Manifest.reused_shards``).
+3. Write: delete the old manifest first, write every other shard atomically
+   (:mod:`shards.shardfile`; in-process, in the pool or as Ray tasks, each writing whole shards),
+   remove shards the new set does not list, then write ``sizes.json`` and, last,
+   ``manifest.json``. An interrupted run never leaves a manifest covering missing or partial
+   shards (the next run, finding no manifest, rewrites every shard).
 
-Output is byte-identical for the same input and options, whatever ``workers`` is: samples are
-ordered by a hash of their key (stable, and it spreads classes across shards), tar members are
-sorted and carry fixed mtime/uid/gid/uname/mode.
+Output is byte-identical for the same input and options, whatever ``workers`` or ``ray_address``:
+a shard's members and their order follow from the sample keys, and tar members are sorted and
+carry fixed mtime/uid/gid/uname/mode.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
-import sys
-import tarfile
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+from .assign import content_key, cut, order_hash
+from .distributed import Executor, process_pool, progress_bar, ray_executor
 from .manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -46,138 +50,19 @@ from .manifest import (
     dataset_digest,
     shard_name,
 )
-from .readers import (
-    ImageInfo,
-    InputError,
-    Listing,
-    Problem,
-    Sample,
-    encode_image,
-    inspect_image,
-    read_annotations,
-    read_file,
-)
-from .storage import TMP_RE, AtomicFile, StorageError, Store, TransientStorageError
+from .readers import ImageInfo, InputError, Listing, Problem, Sample, inspect_image, read_annotations
+from .shardfile import TAR_MTIME, Member, ShardPlan, read_member, write_batch, write_plans
+from .storage import TMP_RE, StorageError, Store, TransientStorageError, resolve_storage_options
 
 __all__ = ["write_shards", "DEFAULT_SHARD_BYTES", "TAR_MTIME"]
 
 log = logging.getLogger("shards")
 
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB soft limit per shard
-TAR_MTIME = 1577836800  # 2020-01-01T00:00:00Z, fixed for every member
-_WINDOW = 2048  # samples handed to the process pool at a time (bounds memory)
 _MAX_REPORT = 50
-_KEEP_BYTES = 512 << 20  # image bytes kept in memory between the check and write phases
-
-
-def _tar_member_bytes(size: int) -> int:
-    return 512 + (size + 511) // 512 * 512
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size = size
-    ti.mtime = TAR_MTIME
-    ti.mode = 0o644
-    ti.uid = ti.gid = 0
-    ti.uname = ti.gname = ""
-    ti.type = tarfile.REGTYPE
-    return ti
-
-
-_HEADER_TEMPLATE = _tarinfo("", 0).tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
-_H_MID = _HEADER_TEMPLATE[100:124]  # mode, uid, gid
-_H_MTIME = _HEADER_TEMPLATE[136:148]
-_H_TAIL = _HEADER_TEMPLATE[156:]  # type, linkname, magic, uname, gname, ...
-_H_SUM = sum(_H_MID) + sum(_H_MTIME) + sum(_H_TAIL) + 8 * 0x20  # checksum field counts as spaces
-_MAX_FAST_SIZE = 8**11 - 1  # larger sizes need tarfile's base-256 encoding
-_ZEROS = bytes(512)
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    """The 512-byte GNU tar header tarfile would write for ``_tarinfo(name, size)``, assembled from
-    a template (tarfile's own path is about 20x slower and dominated the writer's time)."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100 or size > _MAX_FAST_SIZE:
-        return _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
-    size_field = b"%011o\0" % size
-    chksum = b"%06o\0 " % (_H_SUM + sum(raw) + sum(size_field))
-    return b"".join((raw, _ZEROS[: 100 - len(raw)], _H_MID, size_field, _H_MTIME, chksum, _H_TAIL))
-
-
-class _ShardWriter:
-    """One tar shard being written atomically to the store (members written by hand with fixed
-    metadata; the result is a plain GNU tar archive, as ``tarfile`` would write it)."""
-
-    def __init__(self, store: Store, name: str):
-        self.name = name
-        self._af = store.open_atomic(name)
-        self._f = self._af.file
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-        self.samples = 0
-        self.planned = 1024  # end-of-archive blocks
-
-    def _write(self, b: bytes) -> None:
-        self._f.write(b)
-        self._sha.update(b)
-        self.bytes += len(b)
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        parts = []
-        for ext in sorted(members):
-            data = members[ext]
-            parts += (_tar_header(f"{key}.{ext}", len(data)), data, _ZEROS[: -len(data) % 512])
-            self.planned += _tar_member_bytes(len(data))
-        self._write(b"".join(parts))
-        self.samples += 1
-
-    def finish(self) -> tuple[ShardInfo, AtomicFile]:
-        """End the archive; returns its info and the file to commit (which publishes it)."""
-        end = 1024 + (-(self.bytes + 1024)) % tarfile.RECORDSIZE  # two zero blocks, padded to a record
-        self._write(b"\0" * end)
-        info = ShardInfo(name=self.name, bytes=self.bytes, sha256=self._sha.hexdigest(), samples=self.samples)
-        return info, self._af
-
-    def discard(self) -> None:
-        self._af.discard()
-
-
-class _Committer:
-    """Publishes finished shards (fsync + rename, or S3 upload) in a background thread, so disk
-    flushes and uploads overlap with writing the next shard. At most ``depth`` wait at a time."""
-
-    def __init__(self, depth: int = 2):
-        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-commit")
-        self._pending: list[tuple[cf.Future, AtomicFile]] = []
-        self._depth = depth
-
-    def submit(self, af: AtomicFile) -> None:
-        self._pending.append((self._pool.submit(af.commit), af))
-        while sum(not f.done() for f, _ in self._pending) > self._depth:
-            next(f for f, _ in self._pending if not f.done()).result()
-        for f, _ in self._pending:
-            if f.done():
-                f.result()  # surface a failed commit early
-
-    def wait(self) -> None:
-        """Block until every shard is published; re-raise the first failure."""
-        try:
-            for f, _ in self._pending:
-                f.result()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def abandon(self) -> None:
-        """After an error: let running commits end, drop the queued ones."""
-        for f, af in self._pending:
-            if f.cancel():
-                af.discard()
-        self._pool.shutdown(wait=True)
-
-
-def _order_key(sample: Sample) -> str:
-    return hashlib.sha1(sample.key.encode()).hexdigest()
+_KEEP_BYTES = 512 << 20  # image bytes kept in memory between the check and write phases (in-process)
+_CHECK_BATCH = 256  # images per check task (pool, Ray)
+_WRITE_BATCH = 512  # samples per write task: whole shards, at least one
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -187,22 +72,6 @@ def _sample_json(s: Sample) -> bytes:
     doc = {"captions": list(s.captions), "image_id": s.image_id, "filename": s.filename,
            "split": s.split, "corpus": s.corpus}
     return _JSON.encode(doc).encode("utf-8")
-
-
-def _windowed_map(executor, fn, items: list, chunksize: int = 16) -> Iterator:
-    """Ordered map; in a pool, submit at most ``_WINDOW`` items at a time."""
-    if executor is None:
-        yield from map(fn, items)
-        return
-    for start in range(0, len(items), _WINDOW):
-        yield from executor.map(fn, items[start:start + _WINDOW], chunksize=chunksize)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True)
 
 
 def _report(problems: list[Problem], listing: Listing) -> str:
@@ -275,83 +144,105 @@ def _is_complete(store: Store, m: Manifest) -> bool:
     return all(present.get(s.name) == s.bytes for s in m.shards())
 
 
-def _write_splits(store: Store, good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_bytes: int,
-                  resize: int | None, executor, progress: bool) -> dict[str, SplitInfo]:
-    by_split: dict[str, list[tuple[Sample, ImageInfo]]] = defaultdict(list)
-    for s, info in good:
-        by_split[s.split].append((s, info))
-    ordered: list[tuple[Sample, ImageInfo]] = []
-    for split in sorted(by_split):
-        ordered += sorted(by_split[split], key=lambda si: _order_key(si[0]))
+def _check_batch(want_ahash: bool, full_decode: bool, paths: list[str]) -> list[ImageInfo]:
+    """A worker's check task: the images' infos, without their bytes."""
+    return [inspect_image(p, want_ahash, full_decode) for p in paths]
 
-    if resize:
-        fn_items = [(s.image_path, resize, info.sha256) for s, info in ordered]
-        payloads: Iterable[tuple[str, bytes]] = _windowed_map(executor, _encode_star, fn_items, chunksize=8)
-    else:
-        payloads = (_read_checked(s, info) for s, info in ordered)
 
-    splits: dict[str, SplitInfo] = {}
-    counts: dict[str, list[int]] = {}  # split -> [images, captions]
-    current: _ShardWriter | None = None
-    committer = _Committer()
-
-    def finish(sw: _ShardWriter) -> None:
-        info, af = sw.finish()
-        splits[info.name.split("/")[0]].shards.append(info)
-        committer.submit(af)
-
-    bar = _progress(len(ordered), "write", progress)
+def _check(samples: list[Sample], executor: Executor | None, *, check_leaks: bool, full_decode: bool,
+           keep: bool, progress: bool) -> list[ImageInfo]:
+    """Every sample's image info. In-process, ``keep`` keeps the bytes (up to ``_KEEP_BYTES``) so the
+    write phase needs no second read."""
+    bar = progress_bar(len(samples), "check", progress)
     try:
-        for (s, _info), (ext, data) in zip(ordered, payloads):
-            si = splits.get(s.split)
-            if si is None:
-                if current is not None:
-                    sw, current = current, None
-                    finish(sw)
-                si = splits[s.split] = SplitInfo(images=0, captions=0)
-                counts[s.split] = [0, 0]
-            meta = _sample_json(s)
-            need = _tar_member_bytes(len(meta)) + _tar_member_bytes(len(data))
-            if current is not None and (current.samples >= shard_size or current.planned + need > shard_bytes):
-                sw, current = current, None
-                finish(sw)
-            if current is None:
-                current = _ShardWriter(store, shard_name(s.split, len(si.shards)))
-            current.add(s.key, {ext: data, "json": meta})
-            c = counts[s.split]
-            c[0] += 1
-            c[1] += len(s.captions)
+        if executor is not None:
+            paths = [s.image_path for s in samples]
+            batches = (paths[i:i + _CHECK_BATCH] for i in range(0, len(paths), _CHECK_BATCH))
+            fn = functools.partial(_check_batch, check_leaks, full_decode)
+            return [info for part in executor.map(fn, batches, len, bar) for info in part]
+        infos: list[ImageInfo] = []
+        kept = 0
+        for s in samples:
+            info = inspect_image(s.image_path, check_leaks, full_decode, keep_data=keep)
+            if info.data is not None:
+                kept += info.size
+                if kept > _KEEP_BYTES:
+                    info = dataclasses.replace(info, data=None)
+            infos.append(info)
             bar.update(1)
-        if current is not None:
-            sw, current = current, None
-            finish(sw)
-        committer.wait()
-    except BaseException:
-        if current is not None:
-            current.discard()
-        committer.abandon()
-        raise
+        return infos
     finally:
         bar.close()
-    for split, (images, captions) in counts.items():
-        splits[split].images, splits[split].captions = images, captions
-    return splits
 
 
-def _encode_star(args: tuple[str, int, str]) -> tuple[str, bytes]:
-    return encode_image(*args)
+def _content_salt(resize: int | None) -> str:
+    salt = f"schema {SCHEMA_VERSION}; mtime {TAR_MTIME}; resize {resize}"
+    if resize:
+        import PIL
+
+        salt += f"; pillow {PIL.__version__}"  # re-encoded bytes depend on the encoder build
+    return salt
 
 
-def _read_checked(s: Sample, info: ImageInfo) -> tuple[str, bytes]:
-    if info.data is not None:  # kept from the check phase
-        return info.ext, info.data
+def _plan(good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_bytes: int,
+          resize: int | None) -> dict[str, list[ShardPlan]]:
+    """Split -> its shards, in name order (:mod:`shards.assign`)."""
+    by_split: dict[str, list[tuple[int, Sample, ImageInfo]]] = defaultdict(list)
+    for s, info in good:
+        by_split[s.split].append((order_hash(s.key), s, info))
+    salt = _content_salt(resize)
+    plans: dict[str, list[ShardPlan]] = {}
+    for split in sorted(by_split):
+        rows = sorted(by_split[split], key=lambda row: row[0])
+        members = [Member(s.key, s.image_path, info.ext, info.size, info.sha256, _sample_json(s))
+                   for _, s, info in rows]
+        leaves = cut([h for h, _, _ in rows], [m.tar_bytes() for m in members], shard_size, shard_bytes)
+        plans[split] = [ShardPlan(shard_name(split, label), content_key(members[lo:hi], salt), tuple(members[lo:hi]))
+                        for label, lo, hi in leaves]
+    return plans
+
+
+def _unchanged(store: Store, old: Manifest | None, plans: dict[str, list[ShardPlan]]) -> dict[str, ShardInfo]:
+    """Shards of the previous set that the plan would write again byte for byte (same name and
+    content key) and that are still there with their size: kept, not rewritten."""
+    if old is None or old.schema_version != SCHEMA_VERSION:
+        return {}
+    previous = {s.name: s for s in old.shards() if s.content}
+    present = store.list_files()
+    kept = {}
+    for plan in itertools.chain.from_iterable(plans.values()):
+        o = previous.get(plan.name)
+        if o is not None and o.content == plan.content and present.get(plan.name) == o.bytes:
+            kept[plan.name] = o
+    return kept
+
+
+def _task_batches(plans: list[ShardPlan]) -> Iterator[list[ShardPlan]]:
+    batch: list[ShardPlan] = []
+    for plan in plans:
+        batch.append(plan)
+        if sum(len(p.members) for p in batch) >= _WRITE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write(store: Store, todo: list[ShardPlan], executor: Executor | None, *, kept: dict[str, bytes],
+           resize: int | None, storage_options: dict | None, progress: bool) -> list[ShardInfo]:
+    bar = progress_bar(sum(len(p.members) for p in todo), "write", progress)
     try:
-        data = read_file(s.image_path)
-    except OSError as exc:
-        raise InputError(f"{s.filename}: image became unreadable while sharding: {exc.strerror or exc}") from exc
-    if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
-        raise InputError(f"{s.filename}: image changed while sharding")
-    return info.ext, data
+        if executor is None:
+            def load(m: Member) -> tuple[str, bytes]:
+                data = kept.pop(m.key, None)
+                return (m.ext, data) if data is not None else read_member(m, resize)
+
+            return write_plans(store, todo, load, on_shard=lambda info: bar.update(info.samples))
+        fn = functools.partial(write_batch, store.uri, resolve_storage_options(store.uri, storage_options), resize)
+        parts = executor.map(fn, _task_batches(todo), lambda b: sum(len(p.members) for p in b), bar)
+        return [info for part in parts for info in part]
+    finally:
+        bar.close()
 
 
 def write_shards(
@@ -369,6 +260,7 @@ def write_shards(
     check_leaks: bool = False,
     full_decode: bool = False,
     progress: bool = True,
+    ray_address: str | None = None,
 ) -> Manifest:
     """Shard a corpus into ``out_uri`` (local path or ``s3://bucket/prefix``) and return its manifest.
 
@@ -377,11 +269,13 @@ def write_shards(
         images_dir: folder the annotation filenames are relative to.
         out_uri: output root; ``<split>/<split>-NNNNNN.tar``, ``sizes.json``, ``manifest.json``.
         corpus: corpus name (rsicd, rsitmd, ucm, sydney or any name); detected when omitted.
-        shard_size: at most this many samples per shard.
-        shard_bytes: soft size limit per shard (a single larger sample gets a shard of its own).
+        shard_size: at most this many samples per shard (shards hold between about half and all of
+            it: :mod:`shards.assign`).
+        shard_bytes: soft size limit per shard (a single larger sample gets a shard of its own; with
+            ``resize`` it is applied to the source images' sizes).
         resize: re-encode images so the shorter side is at most this many px (JPEG stays JPEG,
             PNG/TIFF become PNG); None keeps the stored bytes.
-        workers: processes for checking (and re-encoding) images; output does not depend on it.
+        workers: local processes checking images and writing shards; output does not depend on it.
         on_error: "fail" raises InputError before writing anything; "skip" quarantines bad samples.
         storage_options: fsspec options (e.g. ``{"endpoint_url": ...}``); never logged.
         check_leaks: find train/val/test duplicates (exact bytes and 8x8 average hash); decodes
@@ -389,6 +283,9 @@ def write_shards(
         full_decode: decode every image when checking (slower; catches corrupt pixel data that
             header, marker and CRC checks miss).
         progress: show tqdm progress bars on stderr.
+        ray_address: check images and write shards as Ray tasks instead ("local": a cluster
+            started here, "auto": the running one, or its address; see :mod:`shards.distributed`);
+            output identical to the in-process one. Not with ``workers``.
 
     Raises:
         InputError: invalid annotations or, with on_error="fail", any bad sample (``.problems``).
@@ -399,28 +296,19 @@ def write_shards(
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if shard_size < 1 or shard_bytes < 1 or workers < 1 or (resize is not None and resize < 1):
         raise ValueError("shard_size, shard_bytes, workers and resize must be positive")
+    if ray_address is not None and workers > 1:
+        raise ValueError("workers and ray_address exclude each other (Ray runs a task per CPU of its cluster)")
 
     listing = read_annotations(annotations, images_dir, corpus)
     samples = listing.samples
     executor = None
-    if workers > 1 and len(samples) > 1:
-        executor = cf.ProcessPoolExecutor(min(workers, len(samples)), mp_context=multiprocessing.get_context("spawn"))
+    if ray_address is not None:
+        executor = ray_executor(ray_address)
+    elif workers > 1 and len(samples) > 1:
+        executor = process_pool(min(workers, len(samples)))
     try:
-        # In-process, keep the checked bytes (up to a budget) so the write phase needs no second read.
-        inspect = functools.partial(inspect_image, want_ahash=check_leaks, full_decode=full_decode,
-                                    keep_data=executor is None)
-        infos: list[ImageInfo] = []
-        kept = 0
-        bar = _progress(len(samples), "check", progress)
-        for info in _windowed_map(executor, inspect, [s.image_path for s in samples], chunksize=32):
-            if info.data is not None:
-                kept += info.size
-                if kept > _KEEP_BYTES or resize:
-                    info = dataclasses.replace(info, data=None)
-            infos.append(info)
-            bar.update(1)
-        bar.close()
-
+        infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode, keep=not resize,
+                       progress=progress)
         problems = list(listing.problems)
         good: list[tuple[Sample, ImageInfo]] = []
         for s, info in zip(samples, infos):
@@ -458,18 +346,27 @@ def write_shards(
             old._reused = True
             return old
 
+        plans = _plan(good, shard_size=shard_size, shard_bytes=shard_bytes, resize=resize)
+        unchanged = _unchanged(store, old, plans)
         store.makedirs()
         store.remove(MANIFEST_NAME)  # first: from here on the set is not valid until the new manifest lands
         store.remove(SIZES_NAME)
-        splits = _write_splits(store, good, shard_size=shard_size, shard_bytes=shard_bytes, resize=resize,
-                               executor=executor, progress=progress)
+        todo = [p for p in itertools.chain.from_iterable(plans.values()) if p.name not in unchanged]
+        kept = {s.key: info.data for s, info in good if info.data is not None}
+        captions = Counter(s.split for s, _ in good for _ in s.captions)
+        del infos, good[:]  # the kept bytes now live only in ``kept``, freed as they are written
+        written = _write(store, todo, executor, kept=kept, resize=resize, storage_options=storage_options,
+                         progress=progress)
     finally:
         if executor is not None:
-            executor.shutdown(cancel_futures=True)
+            executor.close()
 
-    written = {sh.name for si in splits.values() for sh in si.shards}
+    by_name = {**unchanged, **{info.name: info for info in written}}
+    splits = {split: SplitInfo(images=sum(len(p.members) for p in split_plans), captions=captions[split],
+                               shards=[by_name[p.name] for p in split_plans])
+              for split, split_plans in plans.items()}
     for name in sorted(store.list_files()):
-        if (SHARD_RE.match(name) and name not in written) or TMP_RE.search(name):
+        if (SHARD_RE.match(name) and name not in by_name) or TMP_RE.search(name):
             log.info("removing stale %s", name)
             store.remove(name)
 
@@ -484,9 +381,11 @@ def write_shards(
         quarantine=[QuarantineEntry(**p.to_dict()) for p in problems],
         warnings=warnings,
         leaks=leaks,
+        reused_shards=sorted(unchanged),
     )
     store.write_bytes(SIZES_NAME, (json.dumps(manifest.sizes(), indent=1, sort_keys=True) + "\n").encode())
     store.write_bytes(MANIFEST_NAME, manifest.to_json())  # last
     manifest._base_uri = store.uri
-    log.info("wrote %d shards to %s (digest %s)", len(shards), store.uri, manifest.short_digest)
+    log.info("wrote %d of %d shards to %s (digest %s), kept %d unchanged", len(written), len(shards), store.uri,
+             manifest.short_digest, len(unchanged))
     return manifest

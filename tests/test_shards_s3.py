@@ -74,18 +74,19 @@ def test_write_verify_and_read_back_through_webdataset(tmp_path, s3_endpoint, ca
     uri = f"s3://{BUCKET}/corpora/synth"
     m = write_shards(ann, images, uri, shard_size=4, storage_options=opts, progress=False)
     assert m.uri == uri and not m.reused
-    assert m.shard_urls("train") == [f"{uri}/train/train-000000.tar", f"{uri}/train/train-000001.tar"]
+    assert m.shard_urls("train") == [f"{uri}/{s.name}" for s in m.splits["train"].shards]
+    assert len(m.splits["train"].shards) >= 2 and m.shard_urls("test") == [f"{uri}/test/test-000000.tar"]
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(
         Bucket=BUCKET, Prefix="corpora/synth/")["Contents"]}
-    assert keys == {"corpora/synth/manifest.json", "corpora/synth/sizes.json", "corpora/synth/train/train-000000.tar",
-                    "corpora/synth/train/train-000001.tar", "corpora/synth/test/test-000000.tar"}
+    assert keys == {"corpora/synth/manifest.json", "corpora/synth/sizes.json"} | {
+        f"corpora/synth/{s.name}" for s in m.shards()}
 
     # same digest as a local run: the store does not change the bytes
     local = write_shards(ann, images, str(tmp_path / "local"), shard_size=4, progress=False)
     assert local.digest == m.digest
 
     rep = verify_shards(uri, opts)
-    assert rep.ok and rep.checked == 3, rep.problems
+    assert rep.ok and rep.checked == len(m.shards()), rep.problems
     assert read_manifest(uri, opts).digest == m.digest
     again = write_shards(ann, images, uri, shard_size=4, storage_options=opts, progress=False)
     assert again.reused
@@ -96,7 +97,7 @@ def test_write_verify_and_read_back_through_webdataset(tmp_path, s3_endpoint, ca
     assert sorted(got) == sorted(f"synth_{i}" for i in range(8))
     assert got["synth_3"][0] == "scene 3 view 0"
 
-    # the CLI with --endpoint-url; a smaller rewrite drops the stale shard
+    # the CLI with --endpoint-url; the test shard is kept, the training shards merge into one (stale ones go)
     assert cli.main(["shard", str(ann), "--images", str(images), "--out", uri, "--shard-size", "10",
                      "--endpoint-url", s3_endpoint, "--no-progress"]) == 0
     assert cli.main(["shard", "verify", uri, "--endpoint-url", s3_endpoint]) == 0
@@ -104,6 +105,7 @@ def test_write_verify_and_read_back_through_webdataset(tmp_path, s3_endpoint, ca
     assert "testing-secret-0123" not in out.out + out.err
     rep = verify_shards(uri, opts)
     assert rep.ok and rep.checked == 2 and not rep.extra
+    assert read_manifest(uri, opts).reused_shards == ["test/test-000000.tar"]
 
     # corruption is detected remotely too
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)

@@ -165,6 +165,16 @@ def test_workers_output_identical(tmp_path, monkeypatch):
     assert one == two
 
 
+def test_progress_bar_on_stderr_changes_nothing(tmp_path, capsys):
+    kw = dict(splits={"train": 3, "test": 2}, image_size=32, seed=2)
+    quiet = _digest(generate_corpus(tmp_path / "quiet", **kw).parent)
+    assert capsys.readouterr().err == ""
+    shown = _digest(generate_corpus(tmp_path / "shown", progress=True, **kw).parent)
+    captured = capsys.readouterr()
+    assert "render" in captured.err and "5/5" in captured.err and captured.out == ""
+    assert shown == quiet
+
+
 # --------------------------------------------------------------------------------------------------
 # captions are honest about the drawn scene
 

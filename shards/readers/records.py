@@ -130,6 +130,7 @@ class _Builder:
         self.expected_captions = expected_captions
         self.seen_files: dict[str, str] = {}
         self.seen_keys: dict[str, str] = {}
+        self.valid_splits: set[str] = set()  # split names already checked
 
     def problem(self, source: str, reason: str, split: str | None = None, key: str | None = None):
         self.listing.problems.append(Problem(source, reason, split, key))
@@ -140,22 +141,26 @@ class _Builder:
         if not isinstance(filename, str) or not filename.strip():
             self.problem(where, "missing or empty image filename")
             return
-        bad = _bad_text(filename)
+        bad = None if filename.isascii() else _bad_text(filename)
         if bad:
             self.problem(where, f"image filename is not valid UTF-8 ({bad})")
             return
         src = filename
-        split_ok = isinstance(split, str) and SPLIT_RE.match(split)
         if split is None:
             self.problem(src, "missing split")
             return
-        if not split_ok:
-            self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
-            return
+        if split not in self.valid_splits:
+            if not (isinstance(split, str) and SPLIT_RE.match(split)):
+                self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
+                return
+            self.valid_splits.add(split)
         if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
             self.problem(src, "absolute image path escapes the image folder", split)
             return
-        parts = [x for x in filename.replace("\\", "/").split("/") if x not in ("", ".")]
+        if "/" in filename or "\\" in filename or filename == ".":
+            parts = [x for x in filename.replace("\\", "/").split("/") if x not in ("", ".")]
+        else:
+            parts = [filename]  # a plain file name (the common case)
         if ".." in parts:
             self.problem(src, "image path escapes the image folder ('..')", split)
             return
@@ -174,7 +179,7 @@ class _Builder:
                 what = "is missing" if c is None else f"is not text ({type(c).__name__})"
                 self.problem(src, f"caption {i + 1} {what}", split, key)
                 return
-            bad = _bad_text(c)
+            bad = None if c.isascii() else _bad_text(c)
             if bad:
                 self.problem(src, f"caption {i + 1} is not valid UTF-8 ({bad})", split, key)
                 return

@@ -33,6 +33,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
+from ..distributed import progress_bar
 from .captions import _tokens, describe_scene
 from .render import render_scene
 from .scenes import SceneAttrs, knobs, sample_attrs, sample_fine_objects, sample_layout
@@ -126,7 +127,8 @@ def _render_groups(job) -> list[tuple[list[str], dict]]:
 
 def generate_corpus(out_dir, *, splits: Mapping[str, int] = DEFAULT_SPLITS, image_size: int = 64,
                     seed: int = 0, image_format: str = "jpg", difficulty: str | float = "easy",
-                    workers: int = 1, fine_scale: bool = False, group_size: int = 4) -> pathlib.Path:
+                    workers: int = 1, fine_scale: bool = False, group_size: int = 4,
+                    progress: bool = False) -> pathlib.Path:
     """Write a synthetic corpus; returns the path of ``dataset_synth.json`` (written last).
 
     ``splits`` maps split name -> image count (images are numbered in that order);
@@ -134,7 +136,8 @@ def generate_corpus(out_dir, *, splits: Mapping[str, int] = DEFAULT_SPLITS, imag
     ``difficulty`` is "easy" (default), "medium", "hard" or a float in [0, 1];
     ``workers`` > 1 renders in a process pool, with identical output;
     ``fine_scale`` writes groups of ``group_size`` images (within a split; the last group of a split may be
-    smaller) that share their coarse layout and differ only in their small objects (module docstring).
+    smaller) that share their coarse layout and differ only in their small objects (module docstring);
+    ``progress`` shows a tqdm bar on stderr.
     """
     k = knobs(difficulty)
     if not isinstance(fine_scale, bool):
@@ -176,11 +179,19 @@ def generate_corpus(out_dir, *, splits: Mapping[str, int] = DEFAULT_SPLITS, imag
         jobs = [(str(images_dir), int(seed), image_size, k.level, [(i, f) for i, _, f in items[s:s + chunk]])
                 for s in range(0, len(items), chunk)]
         render = _render_chunk
+    results = []
+    bar = progress_bar(len(items), "render", progress)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as ex:
-            results = [r for part in ex.map(render, jobs) for r in part]
+            for part in ex.map(render, jobs):
+                results += part
+                bar.update(len(part))
     else:
-        results = [r for job in jobs for r in render(job)]
+        for job in jobs:
+            part = render(job)
+            results += part
+            bar.update(len(part))
+    bar.close()
     group_of = {i: members[0][0] for members in groups for i, _ in members} if fine_scale else {}
 
     images = []
