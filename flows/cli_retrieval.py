@@ -22,12 +22,18 @@ from typing import Any
 
 from flows.cli import json_stdout
 from msa.retrieval.constants import (
+    ANN_AUTO_MIN_VECTORS,
+    ANN_MODES,
+    DEFAULT_ANN_MODE,
+    DEFAULT_ANN_PROBES,
     DEFAULT_INDEX_BATCH_SIZE,
     DEFAULT_INDEX_SPLIT,
     DEFAULT_K,
     DEFAULT_RERANK_MODE,
     DEFAULT_RERANK_WEIGHT,
+    DEFAULT_SEARCH_BACKEND,
     RERANK_MODES,
+    SEARCH_BACKENDS,
 )
 from shards.cli import int_at_least
 
@@ -87,6 +93,8 @@ def _index(args: argparse.Namespace) -> int:
             split=args.split,
             batch_size=args.batch_size,
             storage_options=endpoint_options(args.endpoint_url),
+            ann=args.ann,
+            progress=not args.no_progress,
         )
         index = Index.load(path)
     if outcome["exit"]:
@@ -100,6 +108,8 @@ def _index(args: argparse.Namespace) -> int:
           f"split {meta['data']['split']!r} of {meta['data']['uri']}", file=human)
     print(f"  dataset digest {meta['data']['dataset_digest'][:16]}, model {meta['model']['source']}{pinned}",
           file=human)
+    ann = [f"{side}s ({info['kind']})" for side, info in meta["ann"].items() if info]
+    print(f"  ANN index: {', '.join(ann) if ann else 'none (exact search)'}", file=human)
     print(f"  built in {meta['build_seconds']:.1f} s", file=human)
     if args.json:
         print(json.dumps(_index_summary(index), indent=2))
@@ -119,6 +129,7 @@ def _index_summary(index: Any) -> dict[str, Any]:
         "dataset_digest": meta["data"]["dataset_digest"],
         "model": meta["model"]["source"],
         "registry_version": registry["version"] if registry else None,
+        "ann": {side: info["kind"] if info else None for side, info in meta["ann"].items()},
         "build_seconds": meta["build_seconds"],
     }
 
@@ -136,7 +147,8 @@ def _search(args: argparse.Namespace) -> int:
         if not source:
             raise IndexFormatError(f"{index.path / META_FILE}: no model recorded; pass --model")
         model = resolve_model(source)
-        options = dict(k=args.k, rerank=args.rerank, rerank_mode=args.rerank_mode, rerank_weight=args.rerank_weight)
+        options = dict(k=args.k, rerank=args.rerank, rerank_mode=args.rerank_mode, rerank_weight=args.rerank_weight,
+                       backend=args.backend, probes=args.ann_probes)
         if args.text is not None:
             hits = search_text(index, model, args.text, **options)
         else:
@@ -144,6 +156,9 @@ def _search(args: argparse.Namespace) -> int:
     if outcome["exit"]:
         return outcome["exit"]
     query = {"text": args.text} if args.text is not None else {"image": str(args.image)}
+    searched = "image" if args.text is not None else "text"
+    approximate = args.backend == "ann" or (args.backend == "auto" and index.ann_info(searched) is not None)
+    backend = f"ANN ({index.ann_info(searched)['kind']}, {args.ann_probes} probes)" if approximate else "exact"
     if args.json:
         print(json.dumps({
             "index": str(index.path),
@@ -153,6 +168,7 @@ def _search(args: argparse.Namespace) -> int:
             "rerank": args.rerank,
             "rerank_mode": args.rerank_mode if args.rerank else None,
             "rerank_weight": args.rerank_weight if args.rerank and args.rerank_mode == "blend" else None,
+            "backend": "ann" if approximate else "exact",
             "hits": [h.to_dict() for h in hits],
         }, indent=2))
         return 0
@@ -163,9 +179,9 @@ def _search(args: argparse.Namespace) -> int:
     if args.rerank:
         how = ("MSCMAT mean over scales" if args.rerank_mode == "mscmat"
                else f"cosine + {args.rerank_weight:g} x MSCMAT mean over scales")
-        print(f"Ranking: cosine top {max(args.rerank, args.k)}, re-ranked by {how}")
+        print(f"Ranking: cosine top {max(args.rerank, args.k)} ({backend}), re-ranked by {how}")
     else:
-        print("Ranking: cosine of global embeddings")
+        print(f"Ranking: cosine of global embeddings ({backend})")
     header = f"{'rank':>4}  {'score':>8}  {'cosine':>8}  {'mscmat':>8}  {'image':<24}"
     if args.image is not None:
         header += "  caption"
@@ -206,9 +222,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--batch-size", type=int_at_least(1), default=DEFAULT_INDEX_BATCH_SIZE,
                        help=f"images/captions per forward pass (default {DEFAULT_INDEX_BATCH_SIZE})")
     index.add_argument("--endpoint-url", help="S3 endpoint for s3:// shards (e.g. a local MinIO)")
+    index.add_argument("--ann", choices=ANN_MODES, default=DEFAULT_ANN_MODE,
+                       help="also build a faiss IVF index (approximate search) over the image and the caption "
+                       f"embeddings: 'auto' for a side of at least {ANN_AUTO_MIN_VECTORS:,} vectors, 'always', "
+                       f"'never' (default {DEFAULT_ANN_MODE})")
+    index.add_argument("--no-progress", action="store_true", help="do not show progress bars on stderr")
     index.add_argument("--json", action="store_true",
                        help="print only a JSON summary on stdout (path, images, captions, dim, split, uri, "
-                       "dataset_digest, model, registry_version, build_seconds); the human summary goes to stderr")
+                       "dataset_digest, model, registry_version, ann, build_seconds); the human summary goes to "
+                       "stderr")
     index.set_defaults(handler=_index)
 
     search = subparsers.add_parser(
@@ -232,6 +254,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"the MSCMAT mean alone (default {DEFAULT_RERANK_MODE})")
     search.add_argument("--rerank-weight", type=_finite_float, default=DEFAULT_RERANK_WEIGHT, metavar="WEIGHT",
                         help=f"MSCMAT weight in 'blend' mode (default {DEFAULT_RERANK_WEIGHT:g})")
+    search.add_argument("--backend", choices=SEARCH_BACKENDS, default=DEFAULT_SEARCH_BACKEND,
+                        help="how the global embeddings are searched: 'exact' (every vector), 'ann' (the index's "
+                        "faiss IVF index; an error if it has none), 'auto' (ann where the index has one) "
+                        f"(default {DEFAULT_SEARCH_BACKEND})")
+    search.add_argument("--ann-probes", type=int_at_least(1), default=DEFAULT_ANN_PROBES, metavar="P",
+                        help=f"IVF lists the ANN search probes: more is slower and closer to exact "
+                        f"(default {DEFAULT_ANN_PROBES})")
     search.add_argument("--model", metavar="SRC",
                         help="checkpoint directory or MLflow model URI (default: the model recorded in the "
                         "index's meta.json, its registry version pinned); must be the model the index was built with")

@@ -1,14 +1,16 @@
 """Retrieval over a prebuilt index: embed a shard split once, then answer text or image queries.
 
-- ``msa.retrieval.index``: the index directory format (documented there), ``Index.load`` with
-  validation (``IndexFormatError`` names the bad file), ``build_index`` (written atomically: temp dir,
-  then rename) and ``check_model``, which refuses a model other than the one the index was built with
-  (``ModelIndexMismatch``).
+- ``msa.retrieval.index``: the index directory format (documented there: float16, memory-mapped),
+  ``Index.load`` with validation (``IndexFormatError`` names the bad file) and ``check_model``, which
+  refuses a model other than the one the index was built with (``ModelIndexMismatch``).
+- ``msa.retrieval.build``: ``IndexWriter`` (streams rows into a temp dir, renamed into place) and
+  ``build_index``, which embeds a shard split into one.
+- ``msa.retrieval.backends``: exact chunked search and the faiss IVF index (why faiss: there).
 - ``msa.retrieval.search``: ``search_text`` / ``search_image`` rank by cosine of the global embeddings
-  and optionally re-rank the top candidates with MSCMAT (``rerank``, ``rerank_mode`` "blend" or
-  "mscmat", ``rerank_weight``; why blend is the default is documented there); ``mscmat_matrix`` and
-  ``reranked_recall`` measure re-ranking with the exact ``msa.metrics.recall_at_k`` protocol
-  (bench/rerank.py).
+  (``nearest``: exact or ANN, ``backend``) and optionally re-rank the top candidates with MSCMAT
+  (``rerank``, ``rerank_mode`` "blend" or "mscmat", ``rerank_weight``; why blend is the default is
+  documented there); ``mscmat_matrix`` and ``reranked_recall`` measure re-ranking with the exact
+  ``msa.metrics.recall_at_k`` protocol (bench/rerank.py).
 - ``msa.retrieval.constants``: the defaults the command line shares with the library (no torch).
 
 Models come from ``msa.runtime.resolver`` (re-exported here): ``resolve_model(source)`` turns a
@@ -26,16 +28,21 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "msa.retrieval.constants": (
         "RerankMode", "RERANK_MODES", "DEFAULT_RERANK_MODE", "DEFAULT_RERANK_WEIGHT", "DEFAULT_K",
-        "DEFAULT_INDEX_SPLIT", "DEFAULT_INDEX_BATCH_SIZE",
+        "DEFAULT_INDEX_SPLIT", "DEFAULT_INDEX_BATCH_SIZE", "SearchBackend", "SEARCH_BACKENDS",
+        "DEFAULT_SEARCH_BACKEND", "ANN_MODES", "DEFAULT_ANN_MODE", "ANN_AUTO_MIN_VECTORS", "DEFAULT_ANN_PROBES",
     ),
     "msa.retrieval.index": (
         "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "META_FILE", "IMAGE_EMB_FILE", "TEXT_EMB_FILE",
         "CAPTION_IMAGE_FILE", "IMAGE_KEYS_FILE", "CAPTIONS_FILE", "PROBE_TEXT", "PROBE_MIN_COSINE",
-        "scale_file", "IndexFormatError", "ModelIndexMismatch", "Index", "model_probe", "check_model",
-        "embed_for_index", "build_index",
+        "VECTOR_DTYPE", "SIDES", "ANN_FILES", "scale_file", "IndexFormatError", "ModelIndexMismatch", "Index",
+        "model_probe", "check_model",
+    ),
+    "msa.retrieval.build": ("IndexWriter", "wants_ann", "embed_for_index", "build_index"),
+    "msa.retrieval.backends": (
+        "exact_scores", "build_ivf", "load_ivf", "ivf_search", "ivf_lists", "clustered_unit_vectors",
     ),
     "msa.retrieval.search": (
-        "Hit", "search_text", "search_image", "combine_scores", "mscmat_matrix", "rerank_similarities",
+        "Hit", "nearest", "search_text", "search_image", "combine_scores", "mscmat_matrix", "rerank_similarities",
         "reranked_recall",
     ),
     "msa.runtime.resolver": ("ResolvedModel", "resolve_model"),
@@ -59,16 +66,33 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the lazy table resolves to, for type checkers and editors
+    from msa.retrieval.backends import (  # noqa: F401
+        build_ivf,
+        clustered_unit_vectors,
+        exact_scores,
+        ivf_lists,
+        ivf_search,
+        load_ivf,
+    )
+    from msa.retrieval.build import IndexWriter, build_index, embed_for_index, wants_ann  # noqa: F401
     from msa.retrieval.constants import (  # noqa: F401
+        ANN_AUTO_MIN_VECTORS,
+        ANN_MODES,
+        DEFAULT_ANN_MODE,
+        DEFAULT_ANN_PROBES,
         DEFAULT_INDEX_BATCH_SIZE,
         DEFAULT_INDEX_SPLIT,
         DEFAULT_K,
         DEFAULT_RERANK_MODE,
         DEFAULT_RERANK_WEIGHT,
+        DEFAULT_SEARCH_BACKEND,
         RERANK_MODES,
+        SEARCH_BACKENDS,
         RerankMode,
+        SearchBackend,
     )
     from msa.retrieval.index import (  # noqa: F401
+        ANN_FILES,
         CAPTION_IMAGE_FILE,
         CAPTIONS_FILE,
         IMAGE_EMB_FILE,
@@ -78,13 +102,13 @@ if TYPE_CHECKING:  # what the lazy table resolves to, for type checkers and edit
         META_FILE,
         PROBE_MIN_COSINE,
         PROBE_TEXT,
+        SIDES,
         TEXT_EMB_FILE,
+        VECTOR_DTYPE,
         Index,
         IndexFormatError,
         ModelIndexMismatch,
-        build_index,
         check_model,
-        embed_for_index,
         model_probe,
         scale_file,
     )
@@ -92,6 +116,7 @@ if TYPE_CHECKING:  # what the lazy table resolves to, for type checkers and edit
         Hit,
         combine_scores,
         mscmat_matrix,
+        nearest,
         rerank_similarities,
         reranked_recall,
         search_image,

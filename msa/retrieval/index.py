@@ -1,15 +1,25 @@
-"""The retrieval index: its file format, loading and validation, building, and the model check.
+"""The retrieval index: its file format, loading and validation, and the model check.
 
-An index is a directory written atomically by ``build_index`` (temp dir, then rename)::
+An index is a directory written atomically by ``msa.retrieval.build`` (temp dir, then rename)::
 
     meta.json               format, model source (and pinned registry version), dataset digest, split,
-                            counts, dims, creation time and a probe that pins the model (written last)
-    image_emb.npy           [N, D] float32, L2-normalised global image embeddings v
-    text_emb.npy            [M, D] float32, L2-normalised caption [CLS]
+                            counts, dims, ANN indexes, creation time and a probe that pins the model
+                            (written last)
+    image_emb.npy           [N, D] float16, L2-normalised global image embeddings v
+    text_emb.npy            [M, D] float16, L2-normalised caption [CLS]
     caption_image.npy       [M] int64, the image index of each caption
-    image_scales_<k>.npy    [N, C_k] float32, the pooled stage vectors s_k (k = 0..K-1) MSCMAT needs
+    image_scales_<k>.npy    [N, C_k] float16, the pooled stage vectors s_k (k = 0..K-1) MSCMAT needs
     image_keys.json         [N] shard sample keys
     captions.json           [M] caption strings
+    image_emb.ivf           optional faiss IVF index over image_emb (text queries), see backends.py
+    text_emb.ivf            optional faiss IVF index over text_emb (image queries)
+
+Vectors are float16 on disk and memory-mapped when loaded (``np.load(mmap_mode="r")``): loading reads
+headers, not data, so it costs the same for a thousand images or a million, and searching touches only
+what it reads (one pass over the global embeddings for exact search; the probed lists of an ANN index;
+the top-R candidates' scale rows for MSCMAT re-ranking). A million images of the paper preset
+(D=1024, scales 256+512+1024+2048) are about 9.7 GB of float16, which need not fit in RAM or on the
+device. Format version 1 (float32, read whole) is refused with a message to rebuild.
 
 Caption token states are recomputed from the text (cheap), so only the image side's scale vectors
 are stored. The probe in meta.json (embeddings of a fixed caption and a fixed image) lets
@@ -19,14 +29,11 @@ are stored. The probe in meta.json (embeddings of a fixed caption and a fixed im
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import shutil
-import tempfile
-import time
-import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +41,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msa.data import iterate_samples
-from msa.evaluate import chunked
-from msa.retrieval.constants import DEFAULT_INDEX_BATCH_SIZE, DEFAULT_INDEX_SPLIT
-from msa.runtime.resolver import ResolvedModel, resolve_model
+from msa.retrieval.backends import load_ivf
+from msa.runtime.resolver import ResolvedModel
 
 INDEX_FORMAT = "msa-retrieval-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+VECTOR_DTYPE = np.float16
 META_FILE = "meta.json"
 IMAGE_EMB_FILE = "image_emb.npy"
 TEXT_EMB_FILE = "text_emb.npy"
 CAPTION_IMAGE_FILE = "caption_image.npy"
 IMAGE_KEYS_FILE = "image_keys.json"
 CAPTIONS_FILE = "captions.json"
+# The searchable sides: "image" (image_emb, answers text queries), "text" (text_emb, answers image queries).
+SIDES = ("image", "text")
+ANN_FILES = {"image": "image_emb.ivf", "text": "text_emb.ivf"}
 PROBE_TEXT = "a probe caption that pins the model an msa index was built with"
 # Probe embeddings of the index's model and the searching model must agree this well (cosine);
 # float32 on CPU vs GPU agrees to ~1e-6, any other weights to far less.
@@ -92,17 +101,18 @@ def model_probe(model: ResolvedModel) -> dict[str, Any]:
 
 @dataclass
 class Index:
-    """A loaded index; arrays stay numpy on the host, ``tensors(device)`` caches device copies."""
+    """A loaded index: float16 memmaps on the host; search reads from them, moving only what it needs."""
 
     path: Path
     meta: dict[str, Any]
-    image_emb: np.ndarray  # [N, D] float32
-    text_emb: np.ndarray  # [M, D] float32
-    caption_image: np.ndarray  # [M] int64
-    image_scales: list[np.ndarray]  # K x [N, C_k] float32
+    image_emb: np.ndarray  # [N, D] float16 memmap
+    text_emb: np.ndarray  # [M, D] float16 memmap
+    caption_image: np.ndarray  # [M] int64 memmap
+    image_scales: list[np.ndarray]  # K x [N, C_k] float16 memmaps
     image_keys: list[str]
     captions: list[str]
     _device_cache: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _ann_cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _verified: dict[int, weakref.ref] = field(default_factory=dict, repr=False)  # models that passed check_model
 
     @property
@@ -117,14 +127,56 @@ class Index:
     def dim(self) -> int:
         return int(self.image_emb.shape[1])
 
+    def vectors(self, side: str) -> np.ndarray:
+        """The global embeddings of ``side``: "image" (searched by text queries) or "text" (by image queries)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        return self.image_emb if side == "image" else self.text_emb
+
+    def vector_file(self, side: str) -> Path:
+        return self.path / (IMAGE_EMB_FILE if side == "image" else TEXT_EMB_FILE)
+
+    def ann_info(self, side: str) -> dict[str, Any] | None:
+        """What meta.json records about ``side``'s ANN index, or None when it has none."""
+        return (self.meta.get("ann") or {}).get(side)
+
+    def ann(self, side: str):
+        """``side``'s faiss IVF index (memory-mapped, loaded once), or None when the index has none."""
+        info = self.ann_info(side)
+        if info is None:
+            return None
+        if side not in self._ann_cache:
+            try:
+                self._ann_cache[side] = load_ivf(self.path / info["file"], *self.vectors(side).shape)
+            except ValueError as e:
+                raise IndexFormatError(str(e)) from e
+        return self._ann_cache[side]
+
+    def scale_rows(self, rows: torch.Tensor | Sequence[int], device: torch.device | str) -> list[torch.Tensor]:
+        """The K scale vectors of images ``rows`` as float32 on ``device``: only those rows are read."""
+        order = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        out = []
+        for k, scales in enumerate(self.image_scales):
+            block = torch.from_numpy(np.asarray(scales[order], dtype=np.float32))
+            if not torch.isfinite(block).all():
+                raise IndexFormatError(f"{self.path / scale_file(k)}: NaN or infinite values in rows "
+                                       f"{order.tolist()}; rebuild the index")
+            out.append(block.to(device))
+        return out
+
     def tensors(self, device: torch.device | str) -> dict[str, Any]:
+        """The whole index as float32 tensors on ``device`` (cached), for measuring small splits
+        (``mscmat_matrix``, bench/rerank.py); search never calls it."""
         key = str(torch.device(device))
         if key not in self._device_cache:
+            def upcast(array: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device)
+
             self._device_cache[key] = {
-                "image_emb": torch.from_numpy(self.image_emb).to(device),
-                "text_emb": torch.from_numpy(self.text_emb).to(device),
-                "caption_image": torch.from_numpy(self.caption_image).to(device),
-                "scales": [torch.from_numpy(s).to(device) for s in self.image_scales],
+                "image_emb": upcast(self.image_emb),
+                "text_emb": upcast(self.text_emb),
+                "caption_image": torch.from_numpy(np.array(self.caption_image)).to(device),
+                "scales": [upcast(s) for s in self.image_scales],
             }
         return self._device_cache[key]
 
@@ -133,7 +185,10 @@ class Index:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> Index:
-        """Read and validate an index; every problem raises ``IndexFormatError`` naming the file."""
+        """Map and validate an index; every problem raises ``IndexFormatError`` naming the file.
+
+        Shapes and dtypes are checked from the .npy headers (values were checked when written; NaN in
+        a searched row is reported by the search that meets it)."""
         path = Path(directory)
         if not path.is_dir():
             raise IndexFormatError(f"{path}: no such index directory (build one with `msa index`)")
@@ -144,20 +199,26 @@ class Index:
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise IndexFormatError(
                 f"{path / META_FILE}: index format version {meta.get('format_version')!r}, this code reads "
-                f"{INDEX_FORMAT_VERSION}; rebuild the index with `msa index`"
+                f"{INDEX_FORMAT_VERSION} (float16 vectors, memory-mapped); rebuild the index {path} with `msa index`"
             )
         try:
             n, m = int(meta["counts"]["images"]), int(meta["counts"]["captions"])
             d, scale_dims = int(meta["dims"]["embed"]), [int(c) for c in meta["dims"]["scales"]]
-        except (KeyError, TypeError, ValueError) as e:
+            ann = {side: (meta.get("ann") or {}).get(side) for side in SIDES}
+            ann_files = {side: path / info["file"] for side, info in ann.items() if info is not None}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise IndexFormatError(f"{path / META_FILE}: missing or invalid field {e}") from e
 
-        image_emb = _read_array(path / IMAGE_EMB_FILE, (n, d), np.float32)
-        text_emb = _read_array(path / TEXT_EMB_FILE, (m, d), np.float32)
+        image_emb = _read_array(path / IMAGE_EMB_FILE, (n, d), VECTOR_DTYPE)
+        text_emb = _read_array(path / TEXT_EMB_FILE, (m, d), VECTOR_DTYPE)
         caption_image = _read_array(path / CAPTION_IMAGE_FILE, (m,), np.int64)
         if m and (caption_image.min() < 0 or caption_image.max() >= n):
             raise IndexFormatError(f"{path / CAPTION_IMAGE_FILE}: image indices outside [0, {n})")
-        scales = [_read_array(path / scale_file(k), (n, c), np.float32) for k, c in enumerate(scale_dims)]
+        scales = [_read_array(path / scale_file(k), (n, c), VECTOR_DTYPE, random_access=True)
+                  for k, c in enumerate(scale_dims)]
+        for file in ann_files.values():
+            if not file.is_file():
+                raise IndexFormatError(f"{file}: missing (meta.json lists this ANN index; rebuild with `msa index`)")
         keys = _read_json(path / IMAGE_KEYS_FILE, "the image keys")
         captions = _read_json(path / CAPTIONS_FILE, "the captions")
         for file, values, count in ((IMAGE_KEYS_FILE, keys, n), (CAPTIONS_FILE, captions, m)):
@@ -175,19 +236,24 @@ def _read_json(path: Path, what: str) -> Any:
         raise IndexFormatError(f"{path}: unreadable or corrupt JSON ({e})") from e
 
 
-def _read_array(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _read_array(path: Path, shape: tuple[int, ...], dtype, random_access: bool = False) -> np.ndarray:
+    """``path`` memory-mapped read-only, after checking its header against meta.json's shape and dtype.
+
+    ``random_access`` turns the kernel's read-ahead off (scale rows are read a few at a time, anywhere:
+    read-ahead would read, and map, 32 pages around each)."""
     if not path.is_file():
         raise IndexFormatError(f"{path}: missing (the index is incomplete; rebuild it with `msa index`)")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise IndexFormatError(f"{path}: unreadable or corrupt .npy ({e})") from e
+        raise IndexFormatError(f"{path}: unreadable, truncated or corrupt .npy ({e})") from e
     if array.shape != shape or array.dtype != dtype:
         raise IndexFormatError(
             f"{path}: shape {array.shape} dtype {array.dtype}, expected {shape} {np.dtype(dtype)} from meta.json"
         )
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise IndexFormatError(f"{path}: contains NaN or infinite values")
+    handle = getattr(array, "_mmap", None)  # numpy's own mmap object; absent for empty arrays
+    if random_access and handle is not None:
+        handle.madvise(mmap.MADV_RANDOM)
     return array
 
 
@@ -222,130 +288,3 @@ def check_model(index: Index, model: ResolvedModel) -> None:
                 f"{cos:.4f}). Search with --model {built_with} or rebuild the index with this model"
             )
     index._verified[id(model)] = weakref.ref(model)
-
-
-# ------------------------------------------------------------------------------------------ build
-
-
-@torch.no_grad()
-def embed_for_index(
-    model: ResolvedModel, urls: list[str], batch_size: int = DEFAULT_INDEX_BATCH_SIZE
-) -> dict[str, Any]:
-    """Every image (v and its K scale vectors) and every caption ([CLS]) of the shards, once, in order."""
-    image_emb, scales, caption_image, keys, captions, text_emb = [], [], [], [], [], []
-    for chunk in chunked(iterate_samples(urls), batch_size):
-        pixels = torch.stack([model.transform(s.image) for s in chunk])
-        v, feats = model.encode_images(pixels)
-        image_emb.append(v.cpu())
-        scales.append([f.cpu() for f in feats])
-        for sample in chunk:
-            caption_image.extend([len(keys)] * len(sample.captions))
-            keys.append(sample.key)
-            captions.extend(sample.captions)
-    if not keys:
-        raise ValueError(f"no samples in {urls}")
-    for start in range(0, len(captions), batch_size):
-        text_emb.append(model.encode_texts(captions[start : start + batch_size])[0].cpu())
-    return {
-        "image_emb": torch.cat(image_emb).numpy().astype(np.float32),
-        "text_emb": (torch.cat(text_emb) if text_emb else torch.zeros(0, model.embed_dim)).numpy().astype(np.float32),
-        "caption_image": np.asarray(caption_image, dtype=np.int64),
-        "image_scales": [torch.cat(parts).numpy().astype(np.float32) for parts in zip(*scales)],
-        "image_keys": keys,
-        "captions": captions,
-    }
-
-
-def build_index(
-    model_source: str | os.PathLike[str] | ResolvedModel,
-    data_uri: str,
-    out_dir: str | os.PathLike[str],
-    split: str = DEFAULT_INDEX_SPLIT,
-    batch_size: int = DEFAULT_INDEX_BATCH_SIZE,
-    storage_options: dict | None = None,
-) -> Path:
-    """Embed ``split`` of the shard set at ``data_uri`` once and write the index to ``out_dir`` atomically.
-
-    ``model_source`` is a ``ResolvedModel`` or anything ``resolve_model`` accepts (a checkpoint
-    directory or an MLflow model URI). ``out_dir`` is replaced if it already holds an index; any
-    other non-empty directory is refused. Returns the index path.
-    """
-    from shards.manifest import read_manifest
-    from shards.storage import register_webdataset_s3
-
-    started = time.perf_counter()
-    out = Path(out_dir).expanduser().absolute()
-    _check_replaceable(out)
-    model = model_source if isinstance(model_source, ResolvedModel) else resolve_model(model_source)
-    register_webdataset_s3(storage_options or {})
-    manifest = read_manifest(data_uri, storage_options)
-    info = manifest.splits.get(split)
-    if info is None or info.images == 0:
-        raise ValueError(f"shard set {data_uri} has no {split!r} split (splits: {sorted(manifest.splits)})")
-    embedded = embed_for_index(model, manifest.shard_urls(split), batch_size)
-    n, m = len(embedded["image_keys"]), len(embedded["captions"])
-    if (n, m) != (info.images, info.captions):
-        raise ValueError(f"{data_uri} {split}: read {n} images / {m} captions, manifest says "
-                         f"{info.images} / {info.captions}")
-    meta = {
-        "format": INDEX_FORMAT,
-        "format_version": INDEX_FORMAT_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {
-            "source": model.source,
-            "resolved": model.resolved,
-            "registry": model.registry,
-            "checkpoint_epoch": model.checkpoint_epoch,
-            "trained_on_digest": model.trained_on,
-            "preset": model.cfg.preset,
-        },
-        "data": {"uri": data_uri, "split": split, "dataset_digest": manifest.digest, "corpus": manifest.corpus},
-        "counts": {"images": n, "captions": m},
-        "dims": {"embed": model.embed_dim, "scales": list(model.scale_dims)},
-        "probe": model_probe(model),
-        "build_seconds": None,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        np.save(tmp / IMAGE_EMB_FILE, embedded["image_emb"])
-        np.save(tmp / TEXT_EMB_FILE, embedded["text_emb"])
-        np.save(tmp / CAPTION_IMAGE_FILE, embedded["caption_image"])
-        for k, array in enumerate(embedded["image_scales"]):
-            np.save(tmp / scale_file(k), array)
-        (tmp / IMAGE_KEYS_FILE).write_text(json.dumps(embedded["image_keys"]))
-        (tmp / CAPTIONS_FILE).write_text(json.dumps(embedded["captions"], ensure_ascii=False))
-        meta["build_seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            is_index = json.loads((out / META_FILE).read_text()).get("format") == INDEX_FORMAT
-        except (OSError, ValueError, AttributeError):
-            is_index = False
-        if not is_index:
-            raise FileExistsError(f"{out}: a non-empty directory that is not an msa index; refusing to replace it")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to ``out``; an existing index is moved aside first, then deleted."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Searching an index by text or by image, MSCMAT re-ranking, and the re-ranked recall protocol.
 
-Ranking is by cosine of the global embeddings (spec section 5), computed and top-k'd on the model's
-device. With ``rerank=R`` the top ``max(R, k)`` candidates by cosine are re-scored with MSCMAT, the
-mean over the K scales of its (0, 1) pair scores, and re-sorted (spec section 2, last paragraph).
-How the two combine is ``rerank_mode``:
+Ranking is by cosine of the global embeddings (spec section 5): every vector exactly, or the rows a
+faiss IVF index finds (``backend``; see ``msa.retrieval.backends``). With ``rerank=R`` the top
+``max(R, k)`` candidates by cosine are re-scored with MSCMAT, the mean over the K scales of its (0, 1)
+pair scores, and re-sorted (spec section 2, last paragraph); only those candidates' scale vectors are
+read from the index and moved to the model's device. How the two combine is ``rerank_mode``:
 
 - ``"blend"`` (default): score = cosine + ``rerank_weight`` * mean_k S_k. Keeps the global ranking's
   evidence and lets MSCMAT break near-ties; ``rerank_weight`` defaults to 1.0.
@@ -32,8 +33,17 @@ import numpy as np
 import torch
 
 from msa.metrics import recall_at_k
-from msa.retrieval.constants import DEFAULT_K, DEFAULT_RERANK_MODE, DEFAULT_RERANK_WEIGHT, RERANK_MODES
-from msa.retrieval.index import Index, check_model
+from msa.retrieval.backends import exact_scores, ivf_search
+from msa.retrieval.constants import (
+    DEFAULT_ANN_PROBES,
+    DEFAULT_K,
+    DEFAULT_RERANK_MODE,
+    DEFAULT_RERANK_WEIGHT,
+    DEFAULT_SEARCH_BACKEND,
+    RERANK_MODES,
+    SEARCH_BACKENDS,
+)
+from msa.retrieval.index import Index, IndexFormatError, check_model
 from msa.runtime.resolver import ResolvedModel
 
 
@@ -72,19 +82,50 @@ def _validate(k: int, rerank: int, mode: str) -> None:
         raise ValueError(f"rerank_mode must be one of {RERANK_MODES}, got {mode!r}")
 
 
+def nearest(
+    index: Index,
+    side: str,
+    query: torch.Tensor,
+    count: int,
+    backend: str = DEFAULT_SEARCH_BACKEND,
+    probes: int = DEFAULT_ANN_PROBES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosines, row indices) of the ``count`` rows of ``side`` ("image" or "text") nearest ``query``
+    [D] (float32, on its device), best first, on the query's device.
+
+    ``backend`` "exact" scans every row; "ann" asks the side's IVF index, probing ``probes`` lists (an
+    error when the index has none); "auto" uses the IVF index when there is one.
+    """
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
+    if probes < 1:
+        raise ValueError(f"probes must be >= 1, got {probes}")
+    vectors = index.vectors(side)
+    count = min(count, len(vectors))
+    ivf = None if backend == "exact" else index.ann(side)
+    if backend == "ann" and ivf is None:
+        raise ValueError(f"{index.path}: no ANN index of the {side} embeddings; rebuild with `msa index --ann "
+                         f"always` or search with --backend exact")
+    if ivf is not None:
+        top_cos, top_idx = ivf_search(ivf, query, count, probes)
+    else:
+        top_cos, top_idx = torch.topk(exact_scores(vectors, query), count)
+    if not torch.isfinite(top_cos).all():
+        raise IndexFormatError(f"{index.vector_file(side)}: NaN or infinite embeddings; rebuild the index")
+    return top_cos, top_idx
+
+
 def _ranked(
-    cosine: torch.Tensor,
+    top_cos: torch.Tensor,
+    top_idx: torch.Tensor,
     k: int,
     rerank: int,
     rescore: Callable[[torch.Tensor], torch.Tensor],
     mode: str,
     weight: float,
 ) -> list[tuple[int, float, float, float | None]]:
-    """(candidate index, score, cosine, mscmat) for the top k; rescore(indices) -> MSCMAT means."""
-    n = cosine.shape[0]
-    k = min(k, n)
-    window = min(max(rerank, k), n) if rerank else k
-    top_cos, top_idx = torch.topk(cosine, window)
+    """(candidate index, score, cosine, mscmat) for the top k of the candidates (best first by cosine);
+    rescore(indices) -> MSCMAT means."""
     if not rerank:
         return [(int(i), float(c), float(c), None) for i, c in zip(top_idx.tolist(), top_cos.tolist())]
     mscmat = rescore(top_idx)
@@ -105,20 +146,22 @@ def search_text(
     *,
     rerank_mode: str = DEFAULT_RERANK_MODE,
     rerank_weight: float = DEFAULT_RERANK_WEIGHT,
+    backend: str = DEFAULT_SEARCH_BACKEND,
+    probes: int = DEFAULT_ANN_PROBES,
 ) -> list[Hit]:
-    """Images for a caption: top ``k`` by cosine; ``rerank=R`` re-scores the top max(R, k) with MSCMAT."""
+    """Images for a caption: top ``k`` by cosine; ``rerank=R`` re-scores the top max(R, k) with MSCMAT.
+    ``backend`` and ``probes``: see ``nearest``."""
     if not isinstance(query, str) or not query.strip():
         raise ValueError("the text query is empty")
     _validate(k, rerank, rerank_mode)
     check_model(index, model)
-    t = index.tensors(model.device)
     cls, tokens, padding = model.encode_texts([query])
-    cosine = t["image_emb"] @ cls[0]
+    top_cos, top_idx = nearest(index, "image", cls[0], max(rerank, k), backend, probes)
 
     def rescore(idx: torch.Tensor) -> torch.Tensor:
-        return model.mscmat_mean([s[idx] for s in t["scales"]], tokens, cls, padding)[:, 0]
+        return model.mscmat_mean(index.scale_rows(idx, model.device), tokens, cls, padding)[:, 0]
 
-    ranked = _ranked(cosine, k, rerank, rescore, rerank_mode, rerank_weight)
+    ranked = _ranked(top_cos, top_idx, k, rerank, rescore, rerank_mode, rerank_weight)
     return [
         Hit(rank=r, score=s, image_key=index.image_keys[i], image_index=i, cosine=c, mscmat=ms)
         for r, (i, s, c, ms) in enumerate(ranked, start=1)
@@ -153,20 +196,21 @@ def search_image(
     *,
     rerank_mode: str = DEFAULT_RERANK_MODE,
     rerank_weight: float = DEFAULT_RERANK_WEIGHT,
+    backend: str = DEFAULT_SEARCH_BACKEND,
+    probes: int = DEFAULT_ANN_PROBES,
 ) -> list[Hit]:
     """Captions for an image (path, bytes or PIL image); each hit names the caption's own image key."""
     _validate(k, rerank, rerank_mode)
     check_model(index, model)
     pixels = model.transform(_load_image(image))[None]
-    t = index.tensors(model.device)
     v, feats = model.encode_images(pixels)
-    cosine = t["text_emb"] @ v[0]
+    top_cos, top_idx = nearest(index, "text", v[0], max(rerank, k), backend, probes)
 
     def rescore(idx: torch.Tensor) -> torch.Tensor:
         cls, tokens, padding = model.encode_texts([index.captions[i] for i in idx.tolist()])
         return model.mscmat_mean(feats, tokens, cls, padding)[0]
 
-    ranked = _ranked(cosine, k, rerank, rescore, rerank_mode, rerank_weight)
+    ranked = _ranked(top_cos, top_idx, k, rerank, rescore, rerank_mode, rerank_weight)
     hits = []
     for r, (j, s, c, ms) in enumerate(ranked, start=1):
         i = int(index.caption_image[j])
