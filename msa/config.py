@@ -63,13 +63,6 @@ NonNegativeFloat = Annotated[Float, Field(ge=0)]
 Fraction = Annotated[Float, Field(ge=0, lt=1)]
 Name = Annotated[str, Field(min_length=1)]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# OpenAI CLIP's normalisation, which every open_clip checkpoint of the CLIP presets was trained with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -83,10 +76,12 @@ class ImageConfig(_Section):
     weights: Name | None = "hub"
     fallback_random: bool = False
     size: Int = Field(224, ge=16)
-    # Normalisation and resize filter; a pretrained tower needs the ones its weights were trained with.
-    mean: Annotated[tuple[Float, Float, Float], BeforeValidator(_as_tuple)] = IMAGENET_MEAN
-    std: Annotated[tuple[PositiveFloat, PositiveFloat, PositiveFloat], BeforeValidator(_as_tuple)] = IMAGENET_STD
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Normalisation and resize filter: those the tower's weights were trained with. null: ``resolve_config``
+    # reads them from the backbone's own data config (timm's pretrained cfg, open_clip's for CLIP towers) and
+    # writes them into the resolved config, so every logged config says what was used; a value set here wins.
+    mean: Annotated[tuple[Float, Float, Float], BeforeValidator(_as_tuple)] | None = None
+    std: Annotated[tuple[PositiveFloat, PositiveFloat, PositiveFloat], BeforeValidator(_as_tuple)] | None = None
+    interpolation: Literal["bilinear", "bicubic"] | None = None
 
 
 class TextConfig(_Section):
@@ -295,13 +290,11 @@ def _explain(exc: ValidationError, data: Mapping[str, Any]) -> str:
 
 
 def _clip_preset(name: str, arch: str) -> MSAConfig:
-    """Fine-tuning a pretrained open_clip model: its own preprocessing and 77-token context, a small lr."""
+    """Fine-tuning a pretrained open_clip model: its own preprocessing (resolved) and 77-token context, a small lr."""
     label = f"open_clip:{arch}"
     return MSAConfig(
         preset=name,
-        image=ImageConfig(
-            backbone=label, weights=None, size=224, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic"
-        ),
+        image=ImageConfig(backbone=label, weights=None, size=224),
         text=TextConfig(model=label, weights=None, max_tokens=77),
         clip=ClipConfig(arch=arch),
         mscmat=MSCMATConfig(num_heads=8),  # divides every CLIP embedding width (512, 768, 1024)
@@ -388,4 +381,21 @@ def resolve_config(preset: str = "small", overrides: list[str] | Mapping[str, An
             raise ConfigError(f"{dotted}: unknown config key; valid keys in {section}: "
                               f"{', '.join(_SECTIONS[section].model_fields)}")
         data[section][key] = value
+    return resolve_preprocessing(MSAConfig.from_dict(data))
+
+
+def resolve_preprocessing(cfg: MSAConfig) -> MSAConfig:
+    """``cfg`` with the unset image.mean/std/interpolation read from the image tower's own data config.
+
+    Imports timm (open_clip for CLIP towers) only when one is unset, and only after the rest of the config
+    has been checked. Raises ConfigError for a backbone timm does not know.
+    """
+    unset = [key for key in ("mean", "std", "interpolation") if getattr(cfg.image, key) is None]
+    if not unset:
+        return cfg
+    from msa.encoders import image_preprocessing
+
+    found = image_preprocessing(cfg)
+    data = cfg.to_dict()
+    data["image"].update({key: found[key] for key in unset})
     return MSAConfig.from_dict(data)

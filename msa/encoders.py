@@ -7,6 +7,7 @@ back to random init with a warning when the caller asked for that.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +26,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+
+from msa.config import ConfigError
 
 from .pretrained import (
     EFFICIENTNET_LITE0_PACKAGE,
@@ -291,6 +294,39 @@ class TextEncoder(nn.Module):
 # ---------------------------------------------------------------------------------- the factories
 
 _OPEN_CLIP = "open_clip:"
+# The package's weights are TensorFlow's EfficientNet-Lite0: timm describes their data as tf_efficientnet_lite0.
+_LITE0_PACKAGE_DATA = "tf_efficientnet_lite0"
+
+
+@functools.cache
+def _timm_preprocessing(name: str) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    try:
+        pretrained = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as e:  # a known architecture with an unknown pretrained tag
+        raise ConfigError(f"image.backbone={name!r}: {e}") from None
+    if pretrained is None and not timm.is_model(name):
+        raise ConfigError(f"image.backbone={name!r}: not a timm model name (see timm.list_models())")
+    # A model registered without a pretrained cfg gets timm's defaults.
+    data = timm.data.resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {"architecture": name})
+    return tuple(data["mean"]), tuple(data["std"]), data["interpolation"]
+
+
+def image_preprocessing(cfg: MSAConfig) -> dict[str, object]:
+    """mean, std and interpolation the image tower's weights were trained with: its own data config.
+
+    timm backbones: timm's resolved data config of the backbone name (its pretrained tag's; for the packaged
+    EfficientNet-Lite0 weights tf_efficientnet_lite0's, 0.5/0.5). CLIP towers: open_clip's preprocessing (a
+    local checkpoint is a bare state dict, so the arch's: OpenAI's mean/std, bicubic). Read from the installed
+    packages, never the network. Only the statistics and the filter: the resize/crop stays the spec's.
+    """
+    if cfg.clip.enabled:
+        from open_clip.transform import PreprocessCfg
+
+        pre = PreprocessCfg()
+        return {"mean": tuple(pre.mean), "std": tuple(pre.std), "interpolation": pre.interpolation}
+    name = _LITE0_PACKAGE_DATA if cfg.image.weights == LITE0_PACKAGE_WEIGHTS else cfg.image.backbone
+    mean, std, interpolation = _timm_preprocessing(name)
+    return {"mean": mean, "std": std, "interpolation": interpolation}
 
 
 def build_towers(cfg: MSAConfig) -> tuple[nn.Module, nn.Module]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from msa.data import ImageTransform, Sample, iterate_samples
+from msa.data import ImageTransform, SplitImages, pair_loader
 from msa.encoders import tokenize
 from msa.metrics import chunked_ranks, recall_from_ranks
 from msa.model import MSAModel
@@ -25,18 +25,6 @@ class EmbeddedSplit:
         return self.image_emb @ self.text_emb.T
 
 
-def chunked(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    """Consecutive lists of ``size`` samples (the last may be shorter)."""
-    chunk: list[Sample] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 @torch.no_grad()
 def embed_split(
     model: MSAModel,
@@ -49,19 +37,27 @@ def embed_split(
     device: torch.device | str = "cpu",
     key_filter: Callable[[str], bool] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
 ) -> EmbeddedSplit:
+    """Every image and caption of the shards, embedded once, in shard order.
+
+    Images are decoded in ``num_workers`` DataLoader workers (``train.loader_workers``; 0: in this process)
+    and reach the device as uint8 batches, normalised by the model; the batches are the same whatever the
+    worker count (``SplitImages``), so the recalls are too.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
     image_embs, text_embs, caption_image, keys, captions = [], [], [], [], []
+    images = pair_loader(SplitImages(urls, transform, batch_size, key_filter), num_workers,
+                         pin_memory=device.type == "cuda")
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for chunk in chunked(iterate_samples(urls, key_filter), batch_size):
-            pixels = torch.stack([transform(s.image) for s in chunk]).to(device, non_blocking=True)
-            image_embs.append(model.encode_image(pixels)[0].float())
-            for sample in chunk:
-                caption_image.extend([len(keys)] * len(sample.captions))
-                keys.append(sample.key)
-                captions.extend(sample.captions)
+        for batch in images:
+            image_embs.append(model.encode_image(batch["images"].to(device, non_blocking=True))[0].float())
+            for key, image_captions in zip(batch["keys"], batch["captions"]):
+                caption_image.extend([len(keys)] * len(image_captions))
+                keys.append(key)
+                captions.extend(image_captions)
         for start in range(0, len(captions), batch_size):
             ids, mask = tokenize(tokenizer, captions[start : start + batch_size], max_tokens)
             text_embs.append(model.encode_text(ids.to(device), mask.to(device))[0].float())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,38 @@ class MSAOutput:
     logit_scale: torch.Tensor | None = None  # learnable InfoNCE scale exp(s) clamped at 100 (loss.learn_temperature)
 
 
+class ImageNormalize(nn.Module):
+    """uint8 pixels -> ``(x / 255 - mean) / std`` in float, on the model's device: the one place images are
+    normalised, for training, evaluation, retrieval and serving alike.
+
+    Float input is returned unchanged: it means "already normalised" (the random tensors of tests and
+    benchmarks). The statistics come from the resolved config, so the buffers are not saved in state dicts
+    (checkpoints from before this module load as they are). The memory format of the input is kept
+    (channels_last batches stay channels_last); under autocast the arithmetic stays float32.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: MSAConfig) -> ImageNormalize:
+        image = cfg.image
+        if image.mean is None or image.std is None:
+            raise ValueError("image.mean/std are unset: build the config with msa.config.resolve_config")
+        return cls(image.mean, image.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        return images.float().div_(255.0).sub_(self.mean).div_(self.std)
+
+
 class MSAModel(nn.Module):
     def __init__(self, cfg: MSAConfig):
         super().__init__()
+        self.normalize = ImageNormalize.from_config(cfg)
         self.text, self.image = build_towers(cfg)  # BERT + timm CNN, or open_clip's towers (msa/clip.py)
         dim = self.text.hidden_size
         self.mscmat = MSCMAT(self.image.stage_dims, d_model=dim, num_heads=cfg.mscmat.num_heads)
@@ -36,7 +66,8 @@ class MSAModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(float(start)))
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        v, scale_feats = self.image(images)
+        """uint8 [B,3,H,W] pixels (normalised here), or float ones already normalised."""
+        v, scale_feats = self.image(self.normalize(images))
         return F.normalize(v, dim=-1), scale_feats
 
     def encode_text(

@@ -17,7 +17,7 @@ from msa.config import resolve_config
 from msa.data import ImageTransform
 from msa.encoders import build_tokenizer, tokenize
 from msa.losses import compute_loss
-from msa.model import MSAModel
+from msa.model import ImageNormalize, MSAModel
 from msa.pretrained import WeightsUnavailableError
 
 CAPTIONS = [
@@ -95,15 +95,16 @@ def test_the_presets_transform_is_clips_preprocessing(reference):
                                        interpolation=pre["interpolation"], resize_mode=pre["resize_mode"])
     rng = np.random.default_rng(0)
     for preset in ("clip-vit-b32", "clip-vit-l14", "clip-rn50"):
-        ours = ImageTransform.from_config(resolve_config(preset))
+        cfg = resolve_config(preset)
+        ours, normalize = ImageTransform.from_config(cfg), ImageNormalize.from_config(cfg)
         for height, width in ((256, 256), (256, 301), (180, 200), (224, 224)):
             image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-            torch.testing.assert_close(ours(image), theirs(image), atol=1e-5, rtol=0)
+            # uint8 out of the transform, normalised by the model's module: together open_clip's preprocessing.
+            torch.testing.assert_close(normalize(ours(image)[None])[0], theirs(image), atol=1e-5, rtol=0)
     # The paper's transform is unchanged: ImageNet statistics, bilinear.
-    paper = ImageTransform.from_config(resolve_config("paper"))
-    default = ImageTransform(224)
-    assert paper.mean.flatten().tolist() == default.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
-    assert paper.resample == default.resample == Image.BILINEAR
+    paper = resolve_config("paper").image
+    assert paper.mean == pytest.approx([0.485, 0.456, 0.406]) and paper.std == pytest.approx([0.229, 0.224, 0.225])
+    assert ImageTransform.from_config(resolve_config("paper")).resample == Image.BILINEAR
 
 
 def _tiny(*overrides: str):

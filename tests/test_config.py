@@ -21,6 +21,7 @@ from msa.config import (
     TrainConfig,
     parse_overrides,
     resolve_config,
+    resolve_preprocessing,
 )
 
 PAPER = {
@@ -58,7 +59,7 @@ EXPECTED = {
     "paper": PAPER,
     "small": _with(
         {**PAPER, "preset": "small"},
-        image={"backbone": "resnet10t", "weights": None, "size": 64},
+        image={"backbone": "resnet10t", "weights": None, "size": 64, "interpolation": "bicubic"},  # resnet10t's cfg
         text={"model": "packaged:all-minilm-l6-v2", "weights": None, "config_overrides": TINY_BERT},
         mscmat={"num_heads": 4},
         loss={"triplet_negatives": "all"},
@@ -67,7 +68,8 @@ EXPECTED = {
     ),
     "pretrained-lite": _with(
         {**PAPER, "preset": "pretrained-lite"},
-        image={"backbone": "efficientnet_lite0", "weights": "efficientnet-lite0-package", "size": 128},
+        image={"backbone": "efficientnet_lite0", "weights": "efficientnet-lite0-package", "size": 128,
+               "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"},  # the TF-Lite0 weights' own
         text={"model": "packaged:all-minilm-l6-v2", "weights": "pretrained"},
         mscmat={"num_heads": 12},
         optim={"lr": 1e-4, "weight_decay": 0.05},
@@ -107,7 +109,7 @@ def test_presets_are_the_known_ones() -> None:
 def test_preset_values(preset: str) -> None:
     cfg = resolve_config(preset)
     assert cfg.to_dict() == EXPECTED[preset]
-    assert PRESETS[preset] == cfg
+    assert resolve_preprocessing(PRESETS[preset]) == cfg  # presets leave preprocessing to the backbone
 
 
 def test_paper_preset_is_the_reference() -> None:
@@ -144,7 +146,7 @@ def test_round_trips(preset: str) -> None:
 def test_sections_are_exported_and_default_to_the_paper() -> None:
     cfg = MSAConfig(preset="x", image=ImageConfig(), text=TextConfig(), mscmat=MSCMATConfig(), loss=LossConfig(),
                     optim=OptimConfig(), train=TrainConfig())
-    assert cfg.to_dict() == {**PAPER, "preset": "x"}
+    assert resolve_preprocessing(cfg).to_dict() == {**PAPER, "preset": "x"}
 
 
 def test_frozen() -> None:
@@ -211,8 +213,9 @@ def test_bad_overrides_raise_one_line(override: str, key: str) -> None:
         ("train.val_fraction=1.0", "train.val_fraction=1.0: must be a finite number >= 0 and < 1"),
         ("optim.betas=[0.9, 0.99, 0.5]",
          "optim.betas=[0.9, 0.99, 0.5]: must be a list of 2 items, each a finite number >= 0 and < 1"),
-        ("image.interpolation=nearest", "image.interpolation='nearest': must be one of 'bilinear', 'bicubic'"),
-        ("image.std=[0.2, 0.2, 0]", "image.std=[0.2, 0.2, 0]: must be a list of 3 items, each a finite number > 0"),
+        ("image.interpolation=nearest", "image.interpolation='nearest': must be one of 'bilinear', 'bicubic' or null"),
+        ("image.std=[0.2, 0.2, 0]",
+         "image.std=[0.2, 0.2, 0]: must be a list of 3 items, each a finite number > 0 or null"),
         ("clip.scales=0", "clip.scales=0: must be an integer >= 1"),
         ("clip.model_cfg=3", "clip.model_cfg=3: must be a mapping with string keys"),
         ("train.bogus=1", "train.bogus: unknown config key; valid keys in train: batch_size, epochs, seed, "

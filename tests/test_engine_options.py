@@ -88,6 +88,31 @@ def assert_same_step(a, b) -> None:
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def assert_close_step(a, b, lr: float, rel_l2: float = 0.05) -> None:
+    """A compiled step against the eager one, per tensor in relative L2 norm (not per element).
+
+    Inductor fuses BatchNorm's backward and sums in another order; through the CNN stem's normalisations the
+    cancellation amplifies that to ~3% (relative L2, measured: bn1.bias 2.8%, conv stem 0.2-0.3%) of a
+    gradient, and Adam's first step turns any element whose gradient is at noise level into a full +-lr
+    move, so element-wise bounds do not hold while the step is the same. Gradients are compared in relative
+    L2, updates by the share of elements that moved apart. Tensors whose gradient is at
+    noise level (the attention key biases': exactly 0 in exact arithmetic) are left out.
+    """
+    (loss_a, grads_a, weights_a), (loss_b, grads_b, weights_b) = a, b
+    assert loss_a == pytest.approx(loss_b, rel=RTOL, abs=ATOL)
+    compared = 0
+    for name, grad in grads_b.items():
+        if grad.norm() < 1e-5:
+            continue
+        compared += 1
+        assert (grads_a[name] - grad).norm() <= rel_l2 * grad.norm(), f"grad of {name}"
+        # Adam's first step is ~ +-lr per element: at most 1% of elements (noise-level gradients) may differ
+        # by more than 10% of lr (measured: 0.1% of the stem's conv1.3.weight, none elsewhere)
+        moved_apart = ((weights_a[name] - weights_b[name]).abs() > 0.1 * lr).float().mean().item()
+        assert moved_apart <= 0.01, f"update of {name}: {moved_apart:.2%} of elements differ by > 10% of lr"
+    assert compared > 0.8 * len(grads_b)  # measured: 111 of 129 tensors have a gradient above noise level
+
+
 def test_eager_step_is_deterministic(base_model):
     """The reference the options are compared with: two plain steps agree exactly."""
     a, b = one_step(tiny_cfg(), base_model), one_step(tiny_cfg(), base_model)
@@ -123,7 +148,7 @@ def test_compiled_step_equals_eager(base_model):
     model = copy.deepcopy(base_model)
     step_model, _ = prepare_training(cfg, model, CPU)
     assert step_model is not model and getattr(step_model, "_orig_mod", None) is model
-    assert_same_step(one_step(cfg, base_model), one_step(tiny_cfg(), base_model))
+    assert_close_step(one_step(cfg, base_model), one_step(tiny_cfg(), base_model), cfg.optim.lr)
 
 
 # --- the fine-tuning recipe --------------------------------------------------------------------------------
@@ -158,6 +183,22 @@ def test_schedule_is_stepped_per_optimiser_step(base_model):
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0] * len(bases), abs=1e-12)
     # "constant" with no warm-up is the paper's fixed lr: no schedule at all
     assert build_schedule(optimizer, tiny_cfg().optim, total_steps=4) is None
+
+
+def test_resumed_schedule_continues_from_the_config_lrs(base_model):
+    """A resumed optimizer carries scheduled lrs; the schedule must restart from the base ones, not those."""
+    cfg = tiny_cfg("optim.schedule=cosine", "optim.warmup_steps=2")
+    model = copy.deepcopy(base_model)
+    step_model, optimizer = prepare_training(cfg, model, CPU)
+    schedule = build_schedule(optimizer, cfg.optim, total_steps=6)
+    for step in range(3):
+        train_step(step_model, random_batch(cfg, model, seed=step), optimizer, cfg, CPU, schedule)
+    saved = copy.deepcopy(optimizer.state_dict())
+    _, resumed = prepare_training(cfg, copy.deepcopy(base_model), CPU)
+    resumed.load_state_dict(saved)
+    again = build_schedule(resumed, cfg.optim, total_steps=6, start_step=3)
+    assert again.base_lrs == schedule.base_lrs == [cfg.optim.lr]
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([g["lr"] for g in optimizer.param_groups])
 
 
 def test_grad_clip_bounds_the_total_norm(base_model, monkeypatch):

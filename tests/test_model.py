@@ -89,3 +89,29 @@ def test_fit_learns_keeps_the_best_checkpoints_and_resumes(tiny_corpus, tmp_path
     assert "[msa] resumed from epoch 3 checkpoint" in lines
     assert [int(h["epoch"]) for h in resumed.history] == [0, 1, 2, 3, 4]
     assert resumed.history[:4] == result.history
+
+
+@torch.no_grad()
+def test_uint8_images_are_normalised_on_the_device_as_the_float_path_did():
+    """encode_image(uint8) == encode_image of the float pixels the loader used to normalise, in every format."""
+    cfg = resolve_config("small", ["image.size=32"])
+    torch.manual_seed(0)
+    model = MSAModel(cfg).eval()
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.tensor(cfg.image.mean).view(3, 1, 1), torch.tensor(cfg.image.std).view(3, 1, 1)
+    normalised = (pixels.float().div(255.0) - mean) / std
+    v, scales = model.encode_image(pixels)
+    v_float, scales_float = model.encode_image(normalised)
+    torch.testing.assert_close(v, v_float, atol=1e-5, rtol=0)
+    for ours, theirs in zip(scales, scales_float, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+    channels_last = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.normalize(channels_last)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, normalised, atol=1e-6, rtol=0)
+
+    state = model.state_dict()
+    assert not [k for k in state if k.startswith("normalize.")]  # checkpoints from before still load strictly
+    MSAModel(cfg).load_state_dict(state, strict=True)

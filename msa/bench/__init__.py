@@ -15,8 +15,8 @@ Sections (``--sections``, default all four), one module each:
   plus the library's end-to-end ``embed_split`` (shard reading and decoding included) over a small
   synthetic shard set.
 * ``loader`` (``loader.py``) the real ``msa.data.PairBatches`` input pipeline over a synthetic shard set,
-  with 0 and 1 loader workers, in pairs/s and pairs per CPU-second ("per core"), to size the CPU count
-  per GPU.
+  with 0 and 1 loader workers, in pairs/s and pairs per CPU-second ("per core"), uint8 pixels (the library's)
+  against the earlier float path kept there as the in-run baseline, to size the CPU count per GPU.
 
 The rest: ``cli.py`` (flags, the runner, the JSON report, the GPU targets), ``timing.py`` (timers,
 memory trackers, device facts, the dispatch-mode live-tensor tracker), ``context.py`` (the model,
