@@ -5,8 +5,9 @@ evaluated on the same test shards (the candidate's dataset digest, re-verified);
 only when the candidate's mR beats the champion's by at least ``margin`` points, or when there is
 no champion yet. The decision, both figures and the digest are tagged on the candidate version and
 logged as an MLflow run (``msa.kind=promotion``) and published as the flow run's
-``promote-msa-decision`` artifact. How concurrent promotions are serialised: see
-msa.runtime.registry; the deployment also runs one flow run at a time (prefect.yaml).
+``promote-msa-decision`` artifact. Concurrent promotions (also retrain-msa's) commit one at a time
+under ``flows.lease.promotion_lease``: see msa.runtime.registry, "Race safety"; the deployment also
+runs one flow run at a time (prefect.yaml).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows import artifacts
+from flows.lease import promotion_lease
 from msa.runtime import registry
 from msa.runtime.spec import RunSpec
 from msa.runtime.tracking import REGISTERED_MODEL
@@ -26,7 +28,7 @@ def promote(candidate_version: str | None, data_uri: str | None, digest: str | N
             model_name: str, spec: RunSpec) -> dict[str, Any]:
     return registry.promote(candidate_version, data_uri=data_uri, digest=digest, margin=margin,
                             model_name=model_name, mlflow_uri=spec.mlflow_uri,
-                            storage_options=spec.storage_options).to_dict()
+                            storage_options=spec.storage_options, lease=promotion_lease(model_name)).to_dict()
 
 
 @flow(name="promote-msa", log_prints=True)

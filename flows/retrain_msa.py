@@ -11,11 +11,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows.lease import promotion_lease
 from flows.tasks import verify_shards
 from msa.config import MSAConfig, resolve_config
 from msa.paths import DEMO_SHARDS_URI
 from msa.runtime import registry, retrain
 from msa.runtime.spec import RunSpec
+from msa.runtime.tracking import REGISTERED_MODEL
 
 reshard = task(name="reshard")(retrain.reshard)
 decide = task(name="decide")(retrain.decide)
@@ -26,7 +28,8 @@ train_and_register = task(name="train-and-register")(retrain.train_and_register)
 @task(name="promote")
 def promote(version: str, data_uri: str, margin: float, spec: RunSpec) -> dict[str, Any]:
     return registry.promote(version, data_uri=data_uri, margin=margin, mlflow_uri=spec.mlflow_uri,
-                            storage_options=spec.storage_options).to_dict()
+                            storage_options=spec.storage_options, model_name=REGISTERED_MODEL,
+                            lease=promotion_lease(REGISTERED_MODEL)).to_dict()
 
 
 @flow(name="retrain-msa", log_prints=True)

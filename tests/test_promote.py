@@ -1,6 +1,8 @@
 """promote-msa against a real MLflow server: better -> promoted, worse -> kept, no champion ->
 promoted, the margin, the same-digest rule, two concurrent promotions -> exactly one winner, and the
-flow run through its deployment on the local Prefect stack (server + process worker).
+flow run through its deployment on the local Prefect stack (server + process worker). Every commit
+goes through the promotion lease on the stack's Prefect server (flows.lease); stress and SIGKILL
+cases are in test_promotion_stress.py.
 
 Models: a checkpoint trained in-process for two epochs on the tiny shards (mR well above chance)
 and randomly initialised ones (mR near chance); each case registers them under its own model name.
@@ -8,6 +10,7 @@ and randomly initialised ones (mR near chance); each case registers them under i
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import subprocess
@@ -21,6 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main as msa_main
+from flows.lease import limit_name, promotion_lease
 from msa.config import MSAConfig, resolve_config
 from msa.runtime import registry, tracking
 from msa.runtime.tracking import CHAMPION, DIGEST_TAG
@@ -101,28 +105,29 @@ def _champion(client: MlflowClient, name: str) -> str | None:
 
 
 def test_first_better_worse_margin_and_digest(
-    models, mlflow_server, tiny_shards, tiny_corpus, tmp_path, capsys, monkeypatch
+    models, mlflow_server, prefect_stack, tiny_shards, tiny_corpus, tmp_path, capsys, monkeypatch
 ) -> None:
     client = MlflowClient(mlflow_server)
     name = "promote-ladder"
+    lease = promotion_lease(name)
     digest = read_manifest(tiny_shards).digest
     weak = _register(models["random"], name, digest)
     strong = _register(models["strong"], name, digest)
     worse = _register(models["random"], name, digest)  # the weak weights again, as a new version
 
     # No champion yet: the first candidate is promoted.
-    first = registry.promote(weak, model_name=name, mlflow_uri=mlflow_server)
+    first = registry.promote(weak, model_name=name, mlflow_uri=mlflow_server, lease=lease)
     assert first.decision == "promoted" and first.champion_version is None and first.champion_mR is None
     assert _champion(client, name) == weak
     assert first.data_uri == tiny_shards and first.dataset_digest == digest  # from the candidate's run and tag
 
     # Better, but not by the margin: kept.
-    held = registry.promote(strong, model_name=name, mlflow_uri=mlflow_server, margin=1000.0)
+    held = registry.promote(strong, model_name=name, mlflow_uri=mlflow_server, margin=1000.0, lease=lease)
     assert held.decision == "kept" and held.champion_version == weak
     assert _champion(client, name) == weak
 
     # Better: promoted. Both figures are fresh evaluations on the same shards (stored test_mR=99 ignored).
-    better = registry.promote(strong, model_name=name, mlflow_uri=mlflow_server, margin=5.0)
+    better = registry.promote(strong, model_name=name, mlflow_uri=mlflow_server, margin=5.0, lease=lease)
     assert better.decision == "promoted", better.reason
     assert better.candidate_mR > better.champion_mR + 5.0
     assert better.champion_mR < 99.0
@@ -160,14 +165,15 @@ def test_first_better_worse_margin_and_digest(
     other = str(tmp_path / "other-layout")
     assert write_shards(annotations, images, other, corpus="synth", shard_size=7, progress=False).digest != digest
     with pytest.raises(ValueError, match="digest"):
-        registry.promote(worse, model_name=name, mlflow_uri=mlflow_server, data_uri=other)
+        registry.promote(worse, model_name=name, mlflow_uri=mlflow_server, data_uri=other, lease=lease)
     assert _champion(client, name) == strong  # never left without a champion, never moved by a refusal
 
 
-def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, tiny_shards) -> None:
+def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, prefect_stack, tiny_shards) -> None:
     """Two equal candidates (same weights) both beat the champion; both evaluate before either
-    commits (a barrier in the pre-commit hook). Exactly one moves the alias; the other re-checks,
-    sees the new champion, re-evaluates against it and is kept (equal mR does not beat it)."""
+    commits (a barrier in the pre-commit hook). Exactly one moves the alias; the other takes the
+    lease after it, sees the new champion, re-evaluates against it and is kept (equal mR does not
+    beat it). The threads run in copies of this context, which points Prefect at the stack."""
     client = MlflowClient(mlflow_server)
     name = "promote-race"
     digest = read_manifest(tiny_shards).digest
@@ -189,12 +195,12 @@ def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, tiny_s
 
         try:
             results[version] = registry.promote(version, model_name=name, mlflow_uri=mlflow_server,
-                                                on_evaluated=hook)
+                                                lease=promotion_lease(name), on_evaluated=hook)
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
             barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(v,)) for v in (a, b)]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, v)) for v in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
@@ -208,22 +214,12 @@ def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, tiny_s
     assert seen[winner] == [champion] and seen[loser] == [champion, winner]
     assert results[loser].champion_version == winner and results[loser].attempts == 2
     assert results[loser].candidate_mR == pytest.approx(results[loser].champion_mR)
-    # The mutex was released.
-    assert not client.search_registered_models(f"name = '{name}{registry.LOCK_SUFFIX}'")
+    # The lease was released (not left to free itself), and it lives on the Prefect server, not in the registry.
+    from prefect.client.orchestration import get_client
 
-
-def test_stale_lock_is_broken_after_its_ttl(mlflow_server) -> None:
-    client = MlflowClient(mlflow_server)
-    tracking.use_tracking(mlflow_server)
-    lock_name = f"promote-stale{registry.LOCK_SUFFIX}"
-    client.create_registered_model(lock_name, tags={"owner": "crashed", "expires_at": "0"})
-    with registry.PromotionLock("promote-stale", timeout_s=30):
-        held = client.get_registered_model(lock_name)
-        assert held.tags["owner"] != "crashed"
-        with pytest.raises(TimeoutError):  # a live holder is not broken
-            with registry.PromotionLock("promote-stale", timeout_s=1):
-                pass
-    assert not client.search_registered_models(f"name = '{lock_name}'")
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_global_concurrency_limit_by_name(limit_name(name)).active_slots == 0
+    assert {m.name for m in client.search_registered_models(f"name LIKE '{name}%'")} == {name}
 
 
 def test_promote_flow_through_deployment(models, mlflow_server, tiny_shards, prefect_stack) -> None:

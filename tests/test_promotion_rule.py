@@ -18,6 +18,7 @@ from msa.runtime.registry import KEPT, PROMOTED, beats_champion
 
 BELOW = -math.inf  # nextafter direction: the float just below
 ABOVE = math.inf
+UNCONTENDED = lambda: contextlib.nullcontext(math.inf)  # noqa: E731 - one promoter: a lease never waited on
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.5, 2.5])
@@ -57,7 +58,8 @@ def test_negative_or_nan_margin_is_refused(margin):
     with pytest.raises(ValueError, match="promotion margin must be >= 0"):
         beats_champion(60.0, None, margin)
     with pytest.raises(ValueError, match="promotion margin must be >= 0"):
-        registry.promote("1", margin=margin, mlflow_uri="http://127.0.0.1:9")  # before any server is contacted
+        # refused before any server is contacted
+        registry.promote("1", margin=margin, mlflow_uri="http://127.0.0.1:9", lease=UNCONTENDED)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +90,6 @@ class _Registry:
         monkeypatch.setattr(datasets, "verify_dataset", lambda uri, opts=None: "d" * 64)
         monkeypatch.setattr(registry, "evaluate_version", lambda v, uri, **kw: {"mR": self.figures[v]})
         monkeypatch.setattr(registry, "champion_version", lambda model_name=None: self.champion)
-        monkeypatch.setattr(registry, "PromotionLock", lambda *a, **kw: contextlib.nullcontext())
         monkeypatch.setattr(registry, "_record", self.recorded.append)
 
 
@@ -106,8 +107,29 @@ def test_promote_moves_the_alias_exactly_when_the_rule_says(monkeypatch, candida
     figures = {"2": candidate_mR} | ({} if champion_mR is None else {"1": champion_mR})
     fake = _Registry(figures, champion=None if champion_mR is None else "1")
     fake.install(monkeypatch)
-    result = registry.promote("2", margin=margin, model_name="rule-test")
+    result = registry.promote("2", margin=margin, model_name="rule-test", lease=UNCONTENDED)
     assert result.decision == expected, result.reason
     assert fake.champion == ("2" if expected == PROMOTED else ("1" if champion_mR is not None else None))
     assert result.candidate_mR == candidate_mR and result.champion_mR == champion_mR and result.margin == margin
     assert fake.recorded == [result]
+
+
+def test_promote_has_no_default_lease():
+    with pytest.raises(TypeError, match="lease"):  # no silent unguarded commit
+        registry.promote("1", mlflow_uri="http://127.0.0.1:9")
+
+
+def test_no_alias_write_once_the_lease_deadline_has_passed(monkeypatch):
+    """Past its lease's write deadline a holder lets go without writing, and tries again."""
+    fake = _Registry({"1": 50.0, "2": 60.0}, champion="1")
+    fake.install(monkeypatch)
+    deadlines, champion_at_entry = iter([-math.inf, math.inf]), []
+
+    @contextlib.contextmanager
+    def lease():
+        champion_at_entry.append(fake.champion)
+        yield next(deadlines)
+
+    result = registry.promote("2", model_name="rule-test", lease=lease)
+    assert champion_at_entry == ["1", "1"]  # the first holding wrote nothing
+    assert result.decision == PROMOTED and result.attempts == 2 and fake.champion == "2"

@@ -5,35 +5,46 @@ shards (one dataset digest, re-verified against its manifest; stored figures are
 moves the alias only when the candidate's mR beats the champion's by at least ``margin``, and
 records the decision on the candidate version (tags) and as an MLflow run in experiment ``msa``.
 
-Race safety. Two promotions may evaluate at the same time; only the commit is serialised:
+Race safety. Two promotions may evaluate at the same time; only the commit is serialised, by a
+lease the caller passes (``lease: CommitLease``). The flows pass ``flows.lease.promotion_lease``: a
+global concurrency limit of 1 per registered model on the Prefect server, whose slot frees itself
+20 s after it was taken and whose holder writes only within 10 s of asking for it.
 
-1. Evaluation runs without any lock, against the champion read at that moment (``seen``).
-2. The commit takes a registry-wide mutex: a sentinel registered model ``<model>.promotion-lock``.
-   Creating a registered model is an INSERT on a primary key in the tracking server's database, so
-   exactly one creator succeeds; the others get RESOURCE_ALREADY_EXISTS and wait.
-3. Holding the mutex, the champion alias is read again. If it is still ``seen`` the alias moves
-   (``set_registered_model_alias`` replaces it in one statement, so there is never a moment without
-   a champion); if another promotion moved it meanwhile, the mutex is released and the candidate is
-   re-evaluated against the new champion (its own figures are cached) before trying again.
+1. Evaluation runs without the lease, against the champion read at that moment (``seen``).
+2. Holding the lease, the commit re-reads the champion alias. If it is still ``seen`` and the
+   lease's write deadline has not passed, the alias moves. If another promotion moved it
+   meanwhile, the lease is released and the candidate is re-evaluated against the new champion
+   (its own figures are cached) before trying again; a passed deadline also means release and try
+   again, without writing.
 
-So every alias move is decided against the champion that is current at the moment of the move, and
-two promotions can both win only when the second candidate also beats the first one's model by the
-margin. Limits: the mutex is advisory (a person moving the alias in the UI bypasses it); a holder
-that dies inside the (two-request) critical section leaves the sentinel behind until it expires
-(``lock_ttl_s``, then the next promotion removes it; removing an expired sentinel is itself a
-read-then-delete and could, in a crash-then-race corner, free a newly taken one). Nothing here ever
-deletes the ``champion`` alias or a model version.
+Why the champion is never absent: nothing here deletes the alias or a version, and
+``set_registered_model_alias`` replaces the alias in one statement, so once there is a champion
+every read sees one. Why it never regresses: under the lease, each alias move is decided against
+the champion current at that moment, and only a candidate that beats it by the margin moves it; a
+second candidate that evaluated against an older champion finds the new one at its re-read and is
+compared with that (a KEPT decision against an older champion also holds against a newer one,
+which beat the older by the margin). The bound: mutual exclusion holds while each holder's alias
+write reaches the tracking server within the lease's margin (sent before the 10 s deadline, the
+slot cannot pass on before 20 s). A write delayed beyond that could land after the next holder's
+move; it only ever replaces a champion its candidate beat at the re-read, so the champion could
+fall back to a candidate that beat its predecessor, never below it. A holder killed with SIGKILL
+leaves nothing in the registry and blocks the others until its slot frees itself: at most 20 s
+after it was taken, plus one poll (measured: 20.0 s; tests/test_promotion_stress.py). The lease
+is advisory: a person moving the alias in the UI bypasses it.
+
+Without a Prefect server, ``promote`` still needs a lease: it has no default, so forgetting one is
+a TypeError, never an unguarded commit. ``flows.lease.promotion_lease`` works against the
+configured Prefect server or, with none configured, Prefect's ephemeral local server (the limit
+lives in its database under PREFECT_HOME, shared by the processes of one machine); tests with a
+single promoter pass a context manager of their own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -47,7 +58,6 @@ from msa.runtime.tracking import CHAMPION, DIGEST_TAG, EXPERIMENT, REGISTERED_MO
 
 log = logging.getLogger("msa.runtime.registry")
 
-LOCK_SUFFIX = ".promotion-lock"
 SOURCE_DIGEST_TAG = "source_digest"  # shards.Manifest.source_digest of the corpus a version was trained on
 KIND_TAG = "msa.kind"  # tune | tune-trial | promotion | retrain on runs this module creates
 
@@ -157,83 +167,12 @@ def evaluate_version(
     split: str = "test",
     storage_options: dict | None = None,
 ) -> dict[str, float]:
-    """Recall of a registered version's own checkpoint on ``split`` of the shard set at ``data_uri``."""
-    from msa.evaluate import evaluate_recall
-    from msa.runtime.pipeline import evaluate_split
+    """Recall of a registered version's own checkpoint on ``split`` of the shard set(s) ``data_uri`` names."""
+    from msa.runtime.pipeline import split_figures
     from msa.runtime.resolver import resolve_model
 
     model = resolve_model(f"models:/{model_name}/{version}", mlflow_uri=mlflow.get_tracking_uri())
-    embedded, _ = evaluate_split(model, data_uri, split, storage_options)
-    return evaluate_recall(embedded)
-
-
-# ---------------------------------------------------------------------------------------------
-# The promotion mutex
-# ---------------------------------------------------------------------------------------------
-
-
-class PromotionLock:
-    """Registry-wide mutex: a sentinel registered model whose creation only one caller can win.
-
-    ``ttl_s`` bounds how long a crashed holder blocks others; the critical section it guards is two
-    requests long, so it is never reached by a live holder.
-    """
-
-    def __init__(self, model_name: str = REGISTERED_MODEL, *, ttl_s: float = 300.0, timeout_s: float = 600.0,
-                 poll_s: float = 0.2):
-        self.name = f"{model_name}{LOCK_SUFFIX}"
-        self.ttl_s, self.timeout_s, self.poll_s = ttl_s, timeout_s, poll_s
-        self.token = uuid.uuid4().hex
-        self.waited_s = 0.0
-
-    def __enter__(self) -> "PromotionLock":
-        c = MlflowClient()
-        started = time.monotonic()
-        while True:
-            try:
-                c.create_registered_model(
-                    self.name,
-                    tags={
-                        "owner": self.token,
-                        "holder": f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}",
-                        "expires_at": f"{time.time() + self.ttl_s:.3f}",
-                    },
-                    description="Mutex held by an msa promotion while it moves the champion alias; "
-                    "deleted on release. Safe to delete by hand only when no promotion is running.",
-                )
-                self.waited_s = time.monotonic() - started
-                return self
-            except MlflowException as exc:
-                if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            self._break_if_expired(c)
-            if time.monotonic() - started > self.timeout_s:
-                raise TimeoutError(f"promotion lock {self.name!r} still held after {self.timeout_s:.0f}s")
-            time.sleep(self.poll_s)
-
-    def _break_if_expired(self, c: MlflowClient) -> None:
-        try:
-            held = c.get_registered_model(self.name)
-        except MlflowException as exc:
-            if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
-                return
-            raise
-        expires = float(held.tags.get("expires_at", "0") or 0)
-        if time.time() <= expires:
-            return
-        log.warning("breaking expired promotion lock %s held by %s", self.name, held.tags.get("holder"))
-        self._delete_if_owner(c, held.tags.get("owner"))
-
-    def _delete_if_owner(self, c: MlflowClient, owner: str | None) -> None:
-        try:
-            if c.get_registered_model(self.name).tags.get("owner") == owner:
-                c.delete_registered_model(self.name)
-        except MlflowException as exc:
-            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-
-    def __exit__(self, *exc_info) -> None:
-        self._delete_if_owner(MlflowClient(), self.token)
+    return split_figures(model, data_uri, split, storage_options)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +180,10 @@ class PromotionLock:
 # ---------------------------------------------------------------------------------------------
 
 PROMOTED, KEPT, ALREADY_CHAMPION = "promoted", "kept", "already-champion"
+
+# Takes the commit's mutual exclusion on entry (raising when it cannot) and yields the
+# ``time.monotonic()`` deadline before which the alias write must be sent; releases it on exit.
+CommitLease = Callable[[], AbstractContextManager[float]]
 
 
 @dataclass
@@ -312,8 +255,7 @@ def promote(
     model_name: str = REGISTERED_MODEL,
     mlflow_uri: str | None = None,
     storage_options: dict | None = None,
-    lock_ttl_s: float = 300.0,
-    lock_timeout_s: float = 600.0,
+    lease: CommitLease,
     max_attempts: int = 5,
     on_evaluated: Callable[[str | None], None] | None = None,
 ) -> PromotionDecision:
@@ -324,8 +266,9 @@ def promote(
     candidate's training run's ``data_uri``). The candidate is promoted when ``beats_champion``: there
     is no champion, or ``candidate_mR > champion_mR`` and ``candidate_mR - champion_mR >= margin`` (mR
     in percent points; a negative margin is refused before anything is evaluated).
-    ``on_evaluated(champion_seen)`` is called after each evaluation, before the commit (tests use it to
-    line two promotions up).
+    ``lease`` serialises the commit (re-read the champion, compare, move the alias): see "Race
+    safety" above. ``on_evaluated(champion_seen)`` is called after each evaluation, before the commit
+    (tests use it to line two promotions up).
     """
     from msa.runtime.datasets import verify_dataset
 
@@ -373,13 +316,15 @@ def promote(
                 f"{cand['mR'] - champ['mR']:.2f} is not > 0 and >= margin {margin}"
             )
         if decision == PROMOTED:
-            with PromotionLock(model_name, ttl_s=lock_ttl_s, timeout_s=lock_timeout_s):
+            with lease() as write_deadline:
                 current = champion_version(model_name)
-                if current == seen:
-                    c.set_registered_model_alias(model_name, CHAMPION, candidate)
-                else:
+                if current != seen:
                     log.info("champion moved from v%s to v%s during evaluation; re-evaluating", seen, current)
                     continue
+                if time.monotonic() >= write_deadline:
+                    log.warning("the promotion lease's write deadline passed before the commit; trying again")
+                    continue
+                c.set_registered_model_alias(model_name, CHAMPION, candidate)
         result = PromotionDecision(
             model_name=model_name,
             candidate_version=candidate,
