@@ -87,11 +87,9 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """URI of a real MLflow tracking server (SQLite + local artifact root), stopped at session end."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def _start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over ``root``'s SQLite store and artifact root (one worker,
+    background jobs off), healthy on return; started again on the same ``root`` it serves the same runs."""
     log = root / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -104,10 +102,21 @@ def mlflow_server(tmp_path_factory) -> str:
         ],
         env=env, cwd=root, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(f"{uri}/health", proc, log, timeout=180)
-        yield uri
+        _wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, timeout=180)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """URI of a real MLflow tracking server (SQLite + local artifact root), stopped at session end."""
+    port = _free_port()
+    proc = _start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
 
