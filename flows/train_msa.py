@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows import artifacts
+from flows import artifacts, console
 from flows.tasks import prepare_shards, verify_shards
 from msa.config import MSAConfig, resolve_config
 from msa.paths import DEMO_SHARDS_URI
@@ -66,11 +66,16 @@ def train_msa(
                    ray_address=ray_address, storage_path=storage_path, mlflow_uri=mlflow_uri,
                    endpoint_url=endpoint_url)
     print(f"resolved config ({cfg.preset}):\n{cfg.to_json()}")
+    console.stage(f"preparing and verifying the shards at {data_uri}")
     prepare_shards(data_uri, cfg.image.size, spec.storage_options, demo_images)
     digest = verify_shards(data_uri, spec.storage_options)
     name = run_name or f"msa-{cfg.preset}-{digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.stage(f"training {cfg.preset} preset on Ray ({spec.workers} workers, {cfg.train.epochs} epochs), "
+                  f"dataset digest {digest[:16]}")
     trained = train(cfg, spec, data_uri, digest, name)
+    console.stage(f"testing the best-validation checkpoint (epoch {int(trained['best_val']['epoch']) + 1})")
     test_metrics = evaluate_test(trained, data_uri, spec)
+    console.stage("logging and registering the model in MLflow")
     version = register_model(trained, test_metrics, spec)
     artifacts.publish_training(trained, test_metrics, version, preset=cfg.preset, data_uri=data_uri,
                                tracking_uri=spec.mlflow_uri or tracking.default_tracking_uri(),

@@ -87,7 +87,8 @@ def up(state: Path, prefect_port: int, mlflow_port: int, env_file: Path, with_wo
     prefect = _spawn(
         "prefect-server",
         [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        {**env, "PREFECT_API_URL": ""},
+        # The UI asks the server at PREFECT_UI_API_URL; without it, a non-default port breaks the UI.
+        {**env, "PREFECT_API_URL": "", "PREFECT_UI_API_URL": api_url},
         state,
     )
     mlflow = _spawn(

@@ -47,6 +47,9 @@ def test_deployment_run_trains_and_registers(tmp_path: Path) -> None:
         (version,) = client.search_model_versions("name='msa-retrieval'")
         assert version.run_id == run.info.run_id
         assert version.tags["dataset_digest"] == run.data.tags["dataset_digest"]
+        # Through a tracking server too: the model card on the version, system metrics from the Ray worker.
+        assert f"| dataset digest | `{run.data.tags['dataset_digest']}` |" in version.description
+        assert "system/cpu_utilization_percentage" in run.data.metrics
         # Artifacts went through the server's proxy into its artifact root, not the client's cwd.
         assert any((state / "mlartifacts").rglob("checkpoint.pt"))
         _assert_train_artifacts(stack_env, run, version)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
-import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -70,7 +69,7 @@ class MSAEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def signature(dim: int):
-    """Explicit schema, so logging needs no example run of the model."""
+    """Explicit schema: both columns optional, which MLflow would not infer from the input example."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
@@ -93,17 +92,28 @@ def pip_requirements() -> list[str]:
     return pins
 
 
+def input_example() -> pd.DataFrame:
+    """A caption row and an image row (a 16 px PNG), stored with the model to show its input.
+
+    The caption row's image is empty bytes, not None: MLflow cannot read a null back from a binary
+    column of a stored example (text wins in that row anyway).
+    """
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (64, 112, 48)).save(png, format="PNG")
+    return pd.DataFrame({"text": ["a river through farmland", None], "image": [b"", png.getvalue()]})
+
+
 def log_pyfunc_model(checkpoint_dir: str | Path, tokenizer_dir: str | Path, dim: int, name: str = "model") -> str:
     """Log under the active run; returns the model URI (models:/m-... in MLflow 3)."""
-    with warnings.catch_warnings():
-        # The signature is explicit on purpose (an input example would mean running the model).
-        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(MODEL_CODE),  # models-from-code: the file is stored and run at load, nothing pickled
-            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
-            code_paths=[str(_ROOT / "msa"), str(_ROOT / "shards")],  # loaded through msa.runtime.resolver
-            signature=signature(dim),
-            pip_requirements=pip_requirements(),
-        )
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(MODEL_CODE),  # models-from-code: the file is stored and run at load, nothing pickled
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint_dir), TOKENIZER_ARTIFACT: str(tokenizer_dir)},
+        code_paths=[str(_ROOT / "msa"), str(_ROOT / "shards")],  # loaded through msa.runtime.resolver
+        signature=signature(dim),
+        input_example=input_example(),
+        pip_requirements=pip_requirements(),
+    )
     return info.model_uri
