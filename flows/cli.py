@@ -171,7 +171,6 @@ def _print_recall_table(test: dict[str, float], out) -> None:
 def _train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows.train_msa import train_msa
-    from msa.runtime.tracking import default_tracking_uri
 
     params: dict[str, Any] = dict(preset=args.preset, overrides=overrides, run_name=args.run_name,
                                   **_run_params(args, train_msa))
@@ -179,19 +178,53 @@ def _train(args: argparse.Namespace) -> int:
         params["data_uri"] = args.data
     if getattr(args, "demo_images", None):
         params["demo_images"] = args.demo_images
+    if args.command == "demo" and not args.verbose:
+        return _quiet_demo(args, train_msa, params)
     with json_stdout(args.json):
         result = train_msa(**params)
     human = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON alone
-    _print_recall_table(result["test"], human)
-    uri = args.mlflow_uri or default_tracking_uri()
-    print(f"\nMLflow run {result['run_id']} ({result['run_name']}), registered model msa-retrieval "
-          f"version {result['model_version']}, dataset digest {result['dataset_digest'][:16]}", file=human)
-    print(f"MLflow store: {uri}", file=human)
-    if uri.startswith("sqlite:"):
-        print(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000", file=human)
+    _print_outcome(result, args, human)
     if args.json:
         _emit(result, sys.stdout)
     return 0
+
+
+def _quiet_demo(args: argparse.Namespace, train_msa, params: dict[str, Any]) -> int:
+    """The demo with stages, an epoch bar and the outcome on the terminal; the rest, tracebacks included,
+    in a log file."""
+    from flows import console
+
+    log_file = console.log_path("demo")
+    out, human = console.divert_to_log(log_file, args.json)
+    console.stage(f"starting Prefect (a temporary local server) for the flow train-msa; full log: {_shown(log_file)}")
+    try:
+        result = train_msa(**params)
+    except BaseException as e:
+        print(f"msa demo failed: {type(e).__name__}: {e}\nThe full log, with the traceback: {_shown(log_file)}",
+              file=human)
+        raise
+    _print_outcome(result, args, human)
+    print(f"Full log: {_shown(log_file)}", file=human)
+    if args.json:
+        _emit(result, out)
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter on the terminal)."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _print_outcome(result: dict[str, Any], args: argparse.Namespace, out) -> None:
+    from msa.runtime.tracking import default_tracking_uri
+
+    _print_recall_table(result["test"], out)
+    uri = args.mlflow_uri or default_tracking_uri()
+    print(f"\nMLflow run {result['run_id']} ({result['run_name']}), registered model msa-retrieval "
+          f"version {result['model_version']}, dataset digest {result['dataset_digest'][:16]}", file=out)
+    print(f"MLflow store: {uri}", file=out)
+    if uri.startswith("sqlite:"):
+        print(f"Open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000", file=out)
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -283,12 +316,16 @@ def _add_train_commands(sub) -> None:
          "flow train-msa run locally. Reusing --run-name resumes that run's latest checkpoint."),
     ):
         p = sub.add_parser(name, help=summary, description=description)
-        p.add_argument("--data", help="shard set URI (local path or s3://); default: the synthetic demo shards")
+        p.add_argument("--data", help="shard set URI (local path or s3://), or several trained jointly as "
+                       "NAME=URI[@WEIGHT],... (README, 'Joint training'); default: the synthetic demo shards")
         _add_config_options(p)
         p.add_argument("--run-name", help="run name; reusing one resumes that run's latest checkpoint")
         if name == "demo":
             p.add_argument("--demo-images", type=_split_sizes, metavar="TRAIN,VAL,TEST",
                            help="images per split of the synthetic corpus when it must be made (default 300,100,100)")
+            p.add_argument("--verbose", action="store_true",
+                           help="show everything Prefect, Ray and MLflow print (default: stages, an epoch bar and "
+                           "the outcome; the rest goes to a log file under .msa/logs/ that the demo names)")
         _add_run_options(p)
         p.add_argument("--json", action="store_true", help="print only the flow's result, as JSON, on stdout")
         p.set_defaults(handler=_train)
@@ -407,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(config, epochs=False)
     config.set_defaults(handler=_config)
     flows.cli_retrieval.register(sub)
-    shards.cli.register(sub)
+    shards.cli.register(sub, json_stdout=json_stdout)
     return parser
 
 

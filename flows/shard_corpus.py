@@ -3,7 +3,9 @@
 Thin wrapper over :func:`shards.writer.write_shards` and :func:`shards.manifest.verify_shards`;
 tasks exchange plain strings. The write task is retried (twice) only for transient storage errors
 (:class:`shards.storage.TransientStorageError`); input errors and other storage errors fail at once.
-A retry is cheap: ``write_shards`` is idempotent and an interrupted write leaves no manifest.
+A retry is cheap: ``write_shards`` is idempotent and an interrupted write leaves no manifest. A
+changed corpus rewrites only the shards whose samples changed; the others are kept. With
+``ray_address`` the images are checked and the shards written as Ray tasks (same output).
 
 ``msa shard`` runs the same writer and verification from the command line.
 
@@ -33,17 +35,19 @@ def retry_transient_only(task, task_run, state) -> bool:
 
 @task(name="write-shards", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient_only)
 def write_shards_task(annotations: str, images: str, out: str, corpus: str | None, on_error: str,
-                      shard_size: int, resize: int | None, workers: int, endpoint_url: str | None) -> str:
-    """Write (or find up to date) the shard set; returns its URI."""
+                      shard_size: int, resize: int | None, workers: int, endpoint_url: str | None,
+                      ray_address: str | None = None) -> dict:
+    """Write (or find up to date) the shard set; returns its URI and the shards rewritten and reused."""
     m = write_shards(annotations, images, out, corpus=corpus, on_error=on_error, shard_size=shard_size,
                      resize=resize, workers=workers, storage_options=endpoint_options(endpoint_url),
-                     progress=False)
+                     progress=False, ray_address=ray_address)
+    rewritten, reused = m.write_counts
     logger = get_run_logger()
-    logger.info("%s %s: digest %s, %d quarantined", m.uri, "up to date" if m.reused else "written",
-                m.short_digest, len(m.quarantine))
+    logger.info("%s %s: digest %s, %d shards rewritten, %d reused, %d quarantined", m.uri,
+                "up to date" if m.reused else "written", m.short_digest, rewritten, reused, len(m.quarantine))
     for q in m.quarantine:
         logger.warning("quarantined %s: %s", q.source, q.reason)
-    return m.uri
+    return {"uri": m.uri, "shards_rewritten": rewritten, "shards_reused": reused}
 
 
 @task(name="verify-shards", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient_only)
@@ -70,13 +74,19 @@ def verify_shards_task(uri: str, endpoint_url: str | None) -> dict:
 @flow(name="shard-corpus")
 def shard_corpus(annotations: str, images: str, out: str, corpus: str | None = None, on_error: str = "fail",
                  shard_size: int = 1000, resize: int | None = None, workers: int = 1,
-                 endpoint_url: str | None = None) -> dict:
+                 endpoint_url: str | None = None, ray_address: str | None = None) -> dict:
     """Shard ``annotations``/``images`` into ``out`` (local path or s3://bucket/prefix) and verify.
 
-    Returns {"uri", "manifest_uri", "digest", "short_digest", "corpus", "counts", "quarantined", "quarantine"}
-    and publishes the split counts and the quarantine report as artifacts (flows.artifacts)."""
-    uri = write_shards_task(annotations, images, out, corpus, on_error, shard_size, resize, workers, endpoint_url)
-    summary = verify_shards_task(uri, endpoint_url)
+    ``ray_address``: None checks and writes in this process (``workers`` processes); otherwise as
+    Ray tasks on that cluster ("local": one started for the run, "auto": the running one, or its
+    address), instead of ``workers``.
+
+    Returns {"uri", "manifest_uri", "digest", "short_digest", "corpus", "counts", "quarantined", "quarantine",
+    "shards_rewritten", "shards_reused"} and publishes the split counts and the quarantine report as
+    artifacts (flows.artifacts)."""
+    written = write_shards_task(annotations, images, out, corpus, on_error, shard_size, resize, workers, endpoint_url,
+                                ray_address)
+    summary = verify_shards_task(written["uri"], endpoint_url)
     artifacts.publish_shard_report(summary)
-    return summary
+    return {**summary, "shards_rewritten": written["shards_rewritten"], "shards_reused": written["shards_reused"]}
 

@@ -7,26 +7,34 @@ The engine knows nothing of Ray or MLflow: what happens at the end of an epoch i
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from msa.checkpoint import HISTORY_FILE, load_checkpoint, save_checkpoint
+from msa.checkpoint import (
+    HISTORY_FILE,
+    CorruptCheckpointError,
+    load_checkpoint,
+    load_newest,
+    read_history,
+    save_checkpoint,
+)
 from msa.config import MSAConfig, OptimConfig
 from msa.data import ImageTransform, PairBatches, SplitPlan, pair_loader, steps_per_epoch
 from msa.encoders import build_tokenizer
 from msa.evaluate import embed_split, evaluate_recall
 from msa.losses import compute_loss
+from msa.metrics import named_recalls
 from msa.model import MSAModel
 
 
@@ -90,12 +98,13 @@ class LRSchedule:
     """Sets every group's lr to its base lr x ``lr_factor(step)``; ``step()`` after each optimiser step.
 
     Stateless apart from the step counter, so a resumed run starts it at ``start_step`` (epochs done x
-    steps per epoch); base lrs are the groups' lrs when it is built (the config's).
+    steps per epoch). Base lrs are kept in each group as ``initial_lr`` (as torch's schedulers do), so they
+    travel in the optimizer's state dict and a resumed optimizer, whose ``lr`` is a scheduled one, keeps them.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, start_step: int = 0):
         self.optimizer, self.cfg, self.total_steps = optimizer, cfg, total_steps
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
         self.set_step(start_step)
 
     def set_step(self, step: int) -> None:
@@ -162,7 +171,8 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on one batch (``model`` may be DDP-wrapped or compiled); returns the detached loss terms.
 
-    Images go channels_last with ``train.channels_last``; gradients are clipped to ``optim.grad_clip``
+    Images travel as uint8 and are normalised by the model (``MSAModel.normalize``) on the device, in the
+    batch's memory format: channels_last with ``train.channels_last``. Gradients are clipped to ``optim.grad_clip``
     (total norm) before the step; ``schedule`` (if any) moves the lr on after it.
     """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -302,18 +312,33 @@ class EpochSink(Protocol):
 
 
 class LocalCheckpoints:
-    """Checkpoints in ``directory/epoch-NNNN``: the ``keep`` best by validation mR plus the newest (to resume)."""
+    """Checkpoints in ``directory/epoch-NNNN``: the ``keep`` best by validation mR plus the newest (to resume).
+
+    Resume takes the newest readable one (``msa.checkpoint.load_newest``); an unreadable one is renamed
+    ``epoch-NNNN.unreadable`` (kept for inspection, out of the way of the epoch that is trained again).
+    """
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory)
         self.keep = keep
 
     def _epochs(self) -> list[Path]:
-        return sorted(p for p in self.directory.glob("epoch-*") if (p / HISTORY_FILE).exists())
+        return sorted(p for p in self.directory.glob("epoch-*")
+                      if re.fullmatch(r"epoch-\d+", p.name) and (p / HISTORY_FILE).exists())
 
     def resume_state(self, device: torch.device) -> dict[str, Any] | None:
-        epochs = self._epochs()
-        return load_checkpoint(epochs[-1], map_location=device) if epochs else None
+        def load(path: Path) -> dict[str, Any]:
+            try:
+                return load_checkpoint(path, map_location=device)
+            except CorruptCheckpointError as exc:
+                kept, n = path.with_name(f"{path.name}.unreadable"), 1
+                while kept.exists():
+                    n += 1
+                    kept = path.with_name(f"{path.name}.unreadable-{n}")
+                path.rename(kept)
+                raise CorruptCheckpointError(path, f"{exc.problem}; kept as {kept.name}") from None
+
+        return load_newest((p.name, lambda p=p: load(p)) for p in reversed(self._epochs()))
 
     def end_epoch(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         if write_checkpoint is None:
@@ -326,11 +351,11 @@ class LocalCheckpoints:
 
     def best(self) -> tuple[Path, dict[str, float]]:
         path = max(self._epochs(), key=self._val_mR)
-        return path, json.loads((path / HISTORY_FILE).read_text())[-1]
+        return path, read_history(path)[-1]
 
     @staticmethod
     def _val_mR(path: Path) -> float:
-        return json.loads((path / HISTORY_FILE).read_text())[-1].get("val_mR", float("-inf"))
+        return read_history(path)[-1].get("val_mR", float("-inf"))
 
 
 @dataclass
@@ -344,7 +369,7 @@ class FitResult:
 
 def fit(
     cfg: MSAConfig,
-    plan: SplitPlan,
+    plan: SplitPlan | Sequence[SplitPlan],
     *,
     sink: EpochSink,
     dataset_digest: str = "",
@@ -355,8 +380,11 @@ def fit(
     """Train ``cfg`` on ``plan`` for ``cfg.train.epochs``, resuming from ``sink`` when it has a checkpoint.
 
     Every rank trains on its share of the shards; rank 0 also evaluates validation recall after each
-    epoch and hands the sink a checkpoint writer. Returns rank 0's per-epoch history.
+    epoch and hands the sink a checkpoint writer. Returns rank 0's per-epoch history. Several plans
+    (joint training) are mixed into one stream by their weights and validated one by one
+    (``val_<name>_<key>``); the unprefixed ``val_<key>`` is then their mean.
     """
+    plans = [plan] if isinstance(plan, SplitPlan) else list(plan)
     dist = dist or Distributed()
     device = torch.device(device)
     seed_everything(cfg.train.seed)
@@ -374,27 +402,26 @@ def fit(
             log(f"[msa] resumed from epoch {state['epoch']} checkpoint")
 
     transform = ImageTransform.from_config(cfg)
+    steps = steps_per_epoch(round(sum(p.epoch_pairs for p in plans)), cfg.train.batch_size, dist.world_size)
     dataset = PairBatches(
-        plan.train_urls,
+        sources=[p.train_source() for p in plans],
         transform=transform,
         tokenizer=tokenizer,
         max_tokens=cfg.text.max_tokens,
         batch_size=cfg.train.batch_size,
-        steps_per_epoch=steps_per_epoch(plan.train_pairs, cfg.train.batch_size, dist.world_size),
+        steps_per_epoch=steps,
         rank=dist.rank,
         world_size=dist.world_size,
         seed=cfg.train.seed,
-        key_filter=plan.train_filter(),
     )
-    steps = steps_per_epoch(plan.train_pairs, cfg.train.batch_size, dist.world_size)
     schedule = build_schedule(optimizer, cfg.optim, steps * cfg.train.epochs, start_step=steps * start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
         dataset.set_epoch(epoch)
         if epoch == start_epoch:
-            urls, stride = dataset.assignment(0, max(1, cfg.train.loader_workers))
-            names = ",".join(url.rsplit("/", 1)[-1] for url in urls)
-            log(f"[msa] rank {dist.rank} of {dist.world_size}{dist.where} reads shards {names}"
-                + (" (sample stride)" if stride else ""))
+            for p, (urls, stride) in zip(plans, dataset.assignment(0, max(1, cfg.train.loader_workers))):
+                names = ",".join(url.rsplit("/", 1)[-1] for url in urls)
+                log(f"[msa] rank {dist.rank} of {dist.world_size}{dist.where} reads "
+                    f"{p.name + ' ' if p.name else ''}shards {names}" + (" (sample stride)" if stride else ""))
         loader = pair_loader(dataset, cfg.train.loader_workers, pin_memory=device.type == "cuda")
         stats = train_epoch(step_model, loader, optimizer, cfg, device, schedule=schedule,
                             time_first_step=cfg.train.compile and epoch == start_epoch)
@@ -404,18 +431,22 @@ def fit(
             sink.end_epoch(metrics, None)
             continue
         started = time.perf_counter()
-        val = embed_split(
-            model,
-            plan.val_urls,
-            transform=transform,
-            tokenizer=tokenizer,
-            max_tokens=cfg.text.max_tokens,
-            batch_size=cfg.train.eval_batch_size,
-            device=device,
-            key_filter=plan.val_filter(),
-            autocast_dtype=autocast_dtype(cfg, device),
-        )
-        metrics.update({f"val_{k}": v for k, v in evaluate_recall(val).items()})
+        per_corpus = {
+            p.name: evaluate_recall(embed_split(
+                model,
+                p.val_urls,
+                transform=transform,
+                tokenizer=tokenizer,
+                max_tokens=cfg.text.max_tokens,
+                batch_size=cfg.train.eval_batch_size,
+                device=device,
+                key_filter=p.val_filter(),
+                autocast_dtype=autocast_dtype(cfg, device),
+                num_workers=cfg.train.loader_workers,
+            ))
+            for p in plans
+        }
+        metrics.update(named_recalls("val", per_corpus))
         metrics["val_seconds"] = time.perf_counter() - started
         metrics["finished_at"] = time.time()  # wall clock: shows which epochs ran before a restart
         history.append(metrics)

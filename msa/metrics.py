@@ -123,3 +123,22 @@ def chance_recall(
         return 100.0 * sum(1 - comb(m - n, k) / comb(m, k) for n in per_image) / len(per_image)
 
     return _summary({k: i2t(k) for k in ks}, {k: 100.0 * min(k, len(counts)) / len(counts) for k in ks})
+
+
+def named_recalls(kind: str, per_corpus: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``<kind>_<key>`` metrics (``<key>`` when ``kind`` is empty) from figures per corpus name.
+
+    One unnamed corpus gives its figures as they are. Named corpora (joint training) each give
+    ``<kind>_<name>_<key>``, and ``<kind>_<key>`` is their unweighted mean: every corpus counts the same,
+    whatever its size; published tables report corpora apart, the mean only ranks checkpoints and candidates.
+    """
+    def name(*parts: str) -> str:
+        return "_".join(part for part in (kind, *parts) if part)
+
+    if list(per_corpus) == [""]:
+        return {name(k): v for k, v in per_corpus[""].items()}
+    out = {name(corpus, k): v for corpus, figures in per_corpus.items() for k, v in figures.items()}
+    shared = set.intersection(*(set(figures) for figures in per_corpus.values()))
+    for key in sorted(shared):
+        out[name(key)] = sum(figures[key] for figures in per_corpus.values()) / len(per_corpus)
+    return out

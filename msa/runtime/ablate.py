@@ -326,14 +326,11 @@ def validate_grid(variants: Mapping[str, Mapping[str, Any]], seeds: Sequence[int
 
 def evaluate_test_split(checkpoint: str, data_uri: str, spec: RunSpec) -> dict[str, float]:
     """Recall of one checkpoint on the test split (and the split's chance mR, the selected epoch)."""
-    from msa.evaluate import evaluate_recall
-    from msa.metrics import chance_recall
-    from msa.runtime.pipeline import evaluate_split
+    from msa.runtime.pipeline import split_figures
     from msa.runtime.resolver import resolve_model
 
     model = resolve_model(checkpoint, storage_options=spec.storage_options)
-    embedded, _ = evaluate_split(model, data_uri, "test", spec.storage_options)
-    return {**evaluate_recall(embedded), "chance_mR": chance_recall(embedded.caption_image)["mR"],
+    return {**split_figures(model, data_uri, "test", spec.storage_options)[0],
             "selected_epoch": float(model.checkpoint_epoch or 0)}
 
 

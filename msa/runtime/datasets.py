@@ -6,6 +6,10 @@ produces the same bytes and the same dataset digest, whichever runs first.
 
 from __future__ import annotations
 
+import hashlib
+import re
+from dataclasses import dataclass
+
 from msa.paths import DEMO_CORPUS_DIR, DEMO_SHARDS_URI
 from shards.manifest import manifest_exists, read_manifest, verify_shards
 
@@ -15,23 +19,96 @@ DEMO_SEED = 0
 
 
 def absolute_uri(data_uri: str) -> str:
-    """A local shard path made absolute (Ray Tune runs each trial in its own working directory, so a
-    relative path would name nothing there); remote URIs unchanged."""
+    """Local shard paths made absolute (Ray Tune runs each trial in its own working directory, so a
+    relative path would name nothing there); remote URIs unchanged; a mix keeps its names and weights."""
     from pathlib import Path
 
     from shards.storage import is_remote
 
-    if is_remote(data_uri):
-        return data_uri
-    return str(Path(data_uri.removeprefix("file://")).expanduser().resolve())
+    def absolute(uri: str) -> str:
+        return uri if is_remote(uri) else str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+    mix = DataMix.parse(data_uri)
+    return str(DataMix(tuple(Corpus(c.name, absolute(c.uri), c.weight) for c in mix.corpora)))
+
+
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One shard set of a ``DataMix``: its name (a metric prefix), URI and sampling weight."""
+
+    name: str
+    uri: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataMix:
+    """What a ``data_uri`` names: one shard set, or several trained as one stream (joint training).
+
+    Written ``URI`` (one shard set, as everywhere) or ``NAME=URI[@WEIGHT],NAME=URI[@WEIGHT],...``. A weight
+    scales its corpus's share of each epoch relative to its size: all 1 (the default) is plain
+    concatenation, each pair seen about once per epoch; 2 samples that corpus twice as often. Validation
+    and test recall are computed per corpus (metrics ``<kind>_<NAME>_<key>``) and the unprefixed metrics
+    are their mean, which selects checkpoints and decides promotions. A mix's digest hashes its members'
+    manifest digests with names and weights, so it names the training data as a shard set's digest does.
+    """
+
+    corpora: tuple[Corpus, ...]
+
+    @classmethod
+    def parse(cls, data_uri: str) -> DataMix:
+        text = data_uri.strip()
+        if "=" not in text.split(",", 1)[0].split("://", 1)[0]:
+            return cls((Corpus("", text),))
+        corpora = []
+        for part in text.split(","):
+            name, sep, rest = part.strip().partition("=")
+            if not sep or not _NAME.fullmatch(name):
+                raise ValueError(f"data {data_uri!r}: {part!r} is not NAME=URI[@WEIGHT] with NAME in [a-z0-9-], "
+                                 "starting with a letter")
+            uri, weight = rest, 1.0
+            head, at, tail = rest.rpartition("@")
+            if at and re.fullmatch(r"[0-9.eE+-]+", tail):
+                uri, weight = head, float(tail)
+                if not weight > 0:
+                    raise ValueError(f"data {data_uri!r}: weight of {name!r} must be > 0, got {tail}")
+            if not uri:
+                raise ValueError(f"data {data_uri!r}: {name!r} has no URI")
+            corpora.append(Corpus(name, uri, weight))
+        names = [c.name for c in corpora]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data {data_uri!r}: corpus names must be unique, got {names}")
+        return cls(tuple(corpora))
+
+    def __str__(self) -> str:
+        if not self.joint:
+            return self.corpora[0].uri
+        return ",".join(f"{c.name}={c.uri}@{c.weight:g}" for c in self.corpora)
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.corpora[0].name)
+
+    def digest(self, digests: list[str]) -> str:
+        """The mix's dataset digest from its members' manifest digests (a single shard set keeps its own)."""
+        if not self.joint:
+            return digests[0]
+        lines = "".join(f"{c.name}={d}@{c.weight!r}\n" for c, d in zip(self.corpora, digests))
+        return hashlib.sha256(("msa-joint-v1\n" + lines).encode()).hexdigest()
 
 
 def verify_dataset(data_uri: str, storage_options: dict | None = None) -> str:
-    """Re-hash every shard against the manifest; the dataset digest when all is well."""
-    report = verify_shards(data_uri, storage_options)
-    if not report.ok:
-        raise ValueError(f"shard set {data_uri} failed verification: " + "; ".join(report.problems))
-    return read_manifest(data_uri, storage_options).digest
+    """Re-hash every shard of every shard set ``data_uri`` names; the dataset digest when all is well."""
+    mix, digests = DataMix.parse(data_uri), []
+    for corpus in mix.corpora:
+        report = verify_shards(corpus.uri, storage_options)
+        if not report.ok:
+            raise ValueError(f"shard set {corpus.uri} failed verification: " + "; ".join(report.problems))
+        digests.append(read_manifest(corpus.uri, storage_options).digest)
+    return mix.digest(digests)
 
 
 def demo_annotations(image_size: int, images: dict[str, int] | None = None) -> str:
@@ -46,13 +123,17 @@ def demo_annotations(image_size: int, images: dict[str, int] | None = None) -> s
 
 def ensure_shards(data_uri: str, image_size: int, storage_options: dict | None = None,
                   demo_images: dict[str, int] | None = None) -> bool:
-    """True when the shard set exists; the demo location is filled on first use, any other must exist."""
-    if manifest_exists(data_uri, storage_options):
-        return True
-    if data_uri != DEMO_SHARDS_URI:
-        raise FileNotFoundError(f"{data_uri}: no manifest.json; shard the corpus first (msa shard / shard-corpus)")
-    from shards.writer import write_shards
+    """True when every shard set exists; the demo location is filled on first use, any other must exist."""
+    existed = True
+    for corpus in DataMix.parse(data_uri).corpora:
+        if manifest_exists(corpus.uri, storage_options):
+            continue
+        if corpus.uri != DEMO_SHARDS_URI:
+            raise FileNotFoundError(f"{corpus.uri}: no manifest.json; shard the corpus first "
+                                    "(msa shard / shard-corpus)")
+        from shards.writer import write_shards
 
-    write_shards(demo_annotations(image_size, demo_images), DEMO_CORPUS_DIR / "images", data_uri, corpus="synth",
-                 shard_size=DEMO_SHARD_SIZE, progress=False)
-    return False
+        write_shards(demo_annotations(image_size, demo_images), DEMO_CORPUS_DIR / "images", corpus.uri,
+                     corpus="synth", shard_size=DEMO_SHARD_SIZE, progress=False)
+        existed = False
+    return existed

@@ -2,22 +2,30 @@
 
 Rank 0 logs each epoch to MLflow and reports it with a checkpoint; every rank calls
 ``ray.train.report`` once per epoch (it is a barrier). Resume is Ray's: the same run name and
-storage path hand the newest checkpoint back to ``fit``.
+storage path hand the newest checkpoint back to ``fit``; an unreadable one is skipped for the
+newest readable one the run reported (``resume_from``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msa.checkpoint import HISTORY_FILE, load_checkpoint
+from msa.checkpoint import HISTORY_FILE, load_checkpoint, load_newest
+from msa.checkpoint import LOG as CHECKPOINT_LOG
 from msa.paths import OFFLINE_ENV
 from msa.runtime.spec import RunSpec
+
+# One record per finished epoch, on the driver (``extra``: ``epoch_metrics``, ``epochs``); `msa demo` draws its
+# progress bar from it.
+EPOCH_LOG = logging.getLogger("msa.runtime.epochs")
 
 
 @dataclass
@@ -44,19 +52,36 @@ class TrainOutcome:
 
 
 class RayReportSink:
-    """``fit``'s epoch sink inside a Ray Train worker: Ray's checkpoint to resume, MLflow and Ray reports."""
+    """``fit``'s epoch sink inside a Ray Train worker: Ray's checkpoints to resume from, MLflow and Ray reports.
+
+    Rank 0 logs each epoch through ``tracking.EpochMetricsLog`` (held through a tracking-server outage); a
+    resumed run holds the checkpoint's history again, so epochs an outage kept from MLflow are sent, and
+    ``finish`` flushes what is still held.
+    """
 
     def __init__(self, job: TrainJob, rank: int):
         self.job, self.rank = job, rank
+        self.metrics_log = None
+        if rank == 0 and job.mlflow_run_id:
+            from msa.runtime.tracking import EpochMetricsLog
+
+            self.metrics_log = EpochMetricsLog(job.mlflow_run_id)
 
     def resume_state(self, device) -> dict[str, Any] | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint(directory, map_location=device)
+        state = resume_from(
+            latest,
+            lambda: ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED),
+            device,
+            log=CHECKPOINT_LOG.warning if self.rank == 0 else lambda line: None,  # every rank resumes; one says so
+        )
+        if state is not None and self.metrics_log is not None:
+            self.metrics_log.hold(state["history"])
+        return state
 
     def end_epoch(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         import ray.train
@@ -64,14 +89,34 @@ class RayReportSink:
         if write_checkpoint is None:
             ray.train.report(metrics)
             return
-        if self.job.mlflow_run_id:
-            from msa.runtime import tracking
-
-            step = int(metrics["epoch"])
-            tracking.log_metrics(self.job.mlflow_run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+        if self.metrics_log is not None:
+            self.metrics_log.add(metrics)
         with tempfile.TemporaryDirectory() as directory:
             write_checkpoint(Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def finish(self) -> None:
+        """After ``fit``: TrackingUnavailableError (naming the tracking URI) if some epochs never reached MLflow."""
+        if self.metrics_log is not None:
+            self.metrics_log.flush()
+
+
+def resume_from(latest, reported: Callable[[], list], device, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The state of the newest readable checkpoint: ``latest`` (Ray's ``get_checkpoint()``), else the run's other
+    reported checkpoints (``reported()``: ``ReportedCheckpoint``s, listed only when ``latest`` is unreadable),
+    newest epoch first. Ray's retention (``train.keep_checkpoints``) is the only thing that deletes any."""
+
+    def load(checkpoint) -> dict[str, Any]:
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory, map_location=device)
+
+    def candidates():
+        yield Path(latest.path).name, lambda: load(latest)
+        older = [r for r in reported() if r.checkpoint.path != latest.path]
+        for r in sorted(older, key=lambda r: r.metrics.get("epoch", -1), reverse=True):
+            yield Path(r.checkpoint.path).name, lambda c=r.checkpoint: load(c)
+
+    return load_newest(candidates(), log)
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -83,6 +128,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     from msa.data import plan_splits
     from msa.engine import Distributed, fit
     from msa.runtime import tracking
+    from msa.runtime.datasets import DataMix
     from shards.manifest import read_manifest
     from shards.storage import register_webdataset_s3
 
@@ -91,17 +137,25 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     options = job.spec.storage_options or {}
     register_webdataset_s3(options)
-    plan = plan_splits(read_manifest(job.data_uri, options), cfg.train.val_fraction)
+    plan = [plan_splits(read_manifest(c.uri, options), cfg.train.val_fraction, name=c.name, weight=c.weight)
+            for c in DataMix.parse(job.data_uri).corpora]
     dist = Distributed(
         rank=ctx.get_world_rank(),
         world_size=ctx.get_world_size(),
         prepare_model=ray.train.torch.prepare_model,
         where=f" on node {ray.get_runtime_context().get_node_id()[:12]}",
     )
-    if dist.rank == 0 and job.mlflow_run_id:
+    # One system-metrics sampler per node (they measure the whole machine), named by node when there are several.
+    sampler = contextlib.nullcontext()
+    if job.mlflow_run_id and (dist.rank == 0 or ctx.get_local_rank() == 0):
         tracking.use_tracking(job.spec.mlflow_uri)
-    fit(cfg, plan, sink=RayReportSink(job, dist.rank), dataset_digest=job.dataset_digest,
-        device=ray.train.torch.get_device(), dist=dist)
+        if ctx.get_local_rank() == 0:
+            several = ctx.get_local_world_size() < ctx.get_world_size()
+            sampler = tracking.system_metrics(job.mlflow_run_id, f"node{ctx.get_node_rank()}" if several else None)
+    sink = RayReportSink(job, dist.rank)
+    with sampler:
+        fit(cfg, plan, sink=sink, dataset_digest=job.dataset_digest, device=ray.train.torch.get_device(), dist=dist)
+    sink.finish()
 
 
 def ensure_ray(ray_address: str | None = None) -> None:
@@ -119,7 +173,9 @@ def ensure_ray(ray_address: str | None = None) -> None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    env = {**OFFLINE_ENV, **forwarded_env()}
+    # Ray Train's print patch sends a worker's print to stdout and to its logger (stderr), and the driver
+    # shows both copies: without it each engine line arrives once.
+    env = {**OFFLINE_ENV, **forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     address = ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
@@ -155,28 +211,29 @@ def run_training(job: TrainJob, callbacks: list | None = None) -> TrainOutcome:
     spec = job.spec
     ensure_ray(spec.ray_address)
     cfg = MSAConfig.from_dict(job.config)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(job),
-        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=spec.workers,
-            use_gpu=spec.use_gpu,
-            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=job.run_name,
-            storage_path=spec.storage,
-            callbacks=list(callbacks or []),
-            failure_config=FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="val_mR",
-                checkpoint_score_order="max",
+    with _epochs_to_driver(cfg.train.epochs) as relay:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=asdict(job),
+            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=spec.workers,
+                use_gpu=spec.use_gpu,
+                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})},
             ),
-        ),
-    )
-    result = trainer.fit()
+            run_config=RunConfig(
+                name=job.run_name,
+                storage_path=spec.storage,
+                callbacks=[*(callbacks or []), *relay],
+                failure_config=FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=cfg.train.keep_checkpoints,
+                    checkpoint_score_attribute="val_mR",
+                    checkpoint_score_order="max",
+                ),
+            ),
+        )
+        result = trainer.fit()
     if result.error:
         raise result.error
     candidates = result.best_checkpoints or []
@@ -187,6 +244,49 @@ def run_training(job: TrainJob, callbacks: list | None = None) -> TrainOutcome:
     with latest.filesystem.open_input_stream(f"{latest.path}/{HISTORY_FILE}") as stream:
         history = json.loads(stream.read())
     return TrainOutcome(_checkpoint_uri(checkpoint), dict(metrics), history)
+
+
+@contextlib.contextmanager
+def _epochs_to_driver(epochs: int) -> Iterator[list]:
+    """Train callbacks that log each finished epoch (rank 0's metrics) on EPOCH_LOG in this process while
+    the block trains; none when nobody listens (EPOCH_LOG has no handler of its own).
+
+    Train's callbacks run in its controller, a process of its own, so they relay through a Ray queue.
+    """
+    if not EPOCH_LOG.handlers:
+        yield []
+        return
+    import threading
+
+    from ray.train import UserCallback
+    from ray.util.queue import Empty, Queue
+
+    class RelayEpochs(UserCallback):
+        def __init__(self, queue: Queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            self.queue.put(next((m for m in metrics if "val_mR" in m), metrics[0]))
+
+    queue, done = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def relay() -> None:
+        while not done.is_set() or not queue.empty():
+            try:
+                m = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            EPOCH_LOG.info("epoch %d/%d loss %.3f val mR %.2f", int(m["epoch"]) + 1, epochs, m["train_loss"],
+                           m.get("val_mR", float("nan")), extra={"epoch_metrics": m, "epochs": epochs})
+
+    thread = threading.Thread(target=relay, name="msa-epoch-relay", daemon=True)
+    thread.start()
+    try:
+        yield [RelayEpochs(queue)]
+    finally:
+        done.set()
+        thread.join()
+        queue.shutdown()
 
 
 def forwarded_env() -> dict[str, str]:
