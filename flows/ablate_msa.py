@@ -10,16 +10,16 @@ task process is the Ray driver.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
 
 from flows import artifacts
-from flows.tasks import prepare_shards, verify_shards
+from flows.tasks import ready_dataset, with_epochs
 from msa.config import resolve_config
 from msa.paths import DEMO_SHARDS_URI
+from msa.runtime import tracking
 from msa.runtime.ablate import DEFAULT_SEEDS, DEFAULT_VARIANTS, AblationJob, run_ablation, validate_grid
 from msa.runtime.spec import RunSpec
 
@@ -56,7 +56,7 @@ def ablate_msa(
     trial runs ``workers`` Ray Train workers with ``cpus_per_worker`` CPUs (one GPU each with ``use_gpu``);
     at most ``max_concurrent_trials`` trials run at once (0: as many as the cluster fits).
     """
-    overrides = {**(overrides or {}), **({"train.epochs": epochs} if epochs is not None else {})}
+    overrides = with_epochs(overrides, epochs)
     cfg = resolve_config(preset, overrides)
     variants = {str(k): dict(v) for k, v in variants.items()}
     seeds = [int(s) for s in seeds]
@@ -64,12 +64,11 @@ def ablate_msa(
     spec = RunSpec(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=0,
                    ray_address=ray_address, storage_path=storage_path, mlflow_uri=mlflow_uri,
                    endpoint_url=endpoint_url)
-    prepare_shards(data_uri, cfg.image.size, spec.storage_options, demo_images)
-    digest = verify_shards(data_uri, spec.storage_options)
+    digest = ready_dataset(data_uri, cfg.image.size, spec.storage_options, demo_images)
     job = AblationJob(
         data_uri=data_uri,
         dataset_digest=digest,
-        name=name or f"ablate-{cfg.preset}-{digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=name or tracking.run_name("ablate", digest, cfg.preset),
         run=spec.model_dump(),
         preset=preset,
         overrides=overrides,

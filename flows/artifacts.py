@@ -10,7 +10,7 @@ Keys (lowercase and dashes, as Prefect requires; each flow run adds a new versio
   ``train-msa-model-version`` (links to the MLflow UI when the tracking URI is an http(s) server; markdown
   naming the run id / ``models:/`` URI otherwise, since a SQLite or file store has no web page);
 - ``promote-msa-decision`` (markdown);
-- ``ablate-msa-table`` (markdown: the ablation table, built by msa.runtime.ablate.ablation_markdown);
+- ``ablate-msa-table`` (markdown: the ablation table, built by msa.runtime.ablation_table.ablation_markdown);
 - ``shard-corpus-counts`` (table), ``shard-corpus-quarantine`` (markdown; "none" when nothing was).
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.lease import promotion_lease
-from flows.tasks import verify_shards
+from flows.tasks import verify_shards, with_epochs
 from msa.config import MSAConfig, resolve_config
 from msa.paths import DEMO_SHARDS_URI
 from msa.runtime import registry, retrain
@@ -61,8 +61,7 @@ def retrain_msa(
     """
     log = get_run_logger()
     margin = registry.check_margin(margin)  # a bad margin fails here, not after a whole training run
-    cfg: MSAConfig = resolve_config(preset, {**(overrides or {}),
-                                             **({"train.epochs": epochs} if epochs is not None else {})})
+    cfg: MSAConfig = resolve_config(preset, with_epochs(overrides, epochs))
     spec = RunSpec(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
                    ray_address=ray_address, storage_path=storage_path, mlflow_uri=mlflow_uri,
                    endpoint_url=endpoint_url)

@@ -9,14 +9,13 @@ default ``data_uri`` the synthetic demo shards are made when absent, so it runs 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
 
 from flows import artifacts, console
-from flows.tasks import prepare_shards, verify_shards
+from flows.tasks import ready_dataset, with_epochs
 from msa.config import MSAConfig, resolve_config
 from msa.paths import DEMO_SHARDS_URI
 from msa.runtime import pipeline, tracking
@@ -61,15 +60,14 @@ def train_msa(
     Reusing a ``run_name`` resumes that run's latest checkpoint. The other parameters are the run
     specification (msa.runtime.spec.RunSpec).
     """
-    cfg = resolve_config(preset, {**(overrides or {}), **({"train.epochs": epochs} if epochs is not None else {})})
+    cfg = resolve_config(preset, with_epochs(overrides, epochs))
     spec = RunSpec(workers=workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
                    ray_address=ray_address, storage_path=storage_path, mlflow_uri=mlflow_uri,
                    endpoint_url=endpoint_url)
     print(f"resolved config ({cfg.preset}):\n{cfg.to_json()}")
     console.stage(f"preparing and verifying the shards at {data_uri}")
-    prepare_shards(data_uri, cfg.image.size, spec.storage_options, demo_images)
-    digest = verify_shards(data_uri, spec.storage_options)
-    name = run_name or f"msa-{cfg.preset}-{digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    digest = ready_dataset(data_uri, cfg.image.size, spec.storage_options, demo_images)
+    name = run_name or tracking.run_name("msa", digest, cfg.preset)
     console.stage(f"training {cfg.preset} preset on Ray ({spec.workers} workers, {cfg.train.epochs} epochs), "
                   f"dataset digest {digest[:16]}")
     trained = train(cfg, spec, data_uri, digest, name)

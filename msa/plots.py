@@ -95,7 +95,7 @@ def plot_ablation(
 ) -> Path:
     """Per-variant mean ``metric`` with a +-1 standard deviation bar over seeds, each seed as a dot.
 
-    ``rows`` are the per-variant entries of an ablation table (msa.runtime.ablate.ablation_table):
+    ``rows`` are the per-variant entries of an ablation table (msa.runtime.ablation_table.ablation_table):
     ``variant``, ``mean``/``std`` dicts, ``by_seed`` (metric -> {seed: value}) and ``diff_mR`` (the paired
     difference to the first variant with its confidence interval, None for the first), which labels each bar.
     """

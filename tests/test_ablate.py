@@ -15,15 +15,14 @@ from PIL import Image
 
 from msa.config import ConfigError, resolve_config
 from msa.metrics import RECALL_KEYS
-from msa.runtime.ablate import (
-    DEFAULT_VARIANTS,
+from msa.runtime.ablate import DEFAULT_VARIANTS, validate_grid
+from msa.runtime.ablation_table import (
     _t_quantile_bisect,
     ablation_markdown,
     ablation_table,
     paired_difference,
     student_t_cdf,
     t_quantile,
-    validate_grid,
 )
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from msa.config import MSAConfig
@@ -59,7 +58,7 @@ def decide(data_uri: str, source_digest: str, force: bool, spec: RunSpec,
 def start_retrain_run(data_uri: str, source_digest: str, dataset_digest: str, reason: str, force: bool,
                       spec: RunSpec) -> str:
     return registry.start_run(
-        f"retrain-{dataset_digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tracking.run_name("retrain", dataset_digest),
         kind="retrain",
         tags={"data_uri": data_uri, registry.SOURCE_DIGEST_TAG: source_digest, DIGEST_TAG: dataset_digest},
         params={"reason": reason, "force": force},
@@ -72,7 +71,7 @@ def train_and_register(retrain_run_id: str, cfg: MSAConfig, spec: RunSpec, data_
     """Train (a child run of the retrain run), test once, register a version tagged with the source digest."""
     trained = pipeline.train(
         cfg, spec, data_uri=data_uri, dataset_digest=dataset_digest, parent_run_id=retrain_run_id,
-        run_name=f"retrain-{cfg.preset}-{dataset_digest[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",
+        run_name=tracking.run_name("retrain", dataset_digest, cfg.preset),
     )
     test = pipeline.evaluate_test(trained, data_uri=data_uri, spec=spec)
     version = pipeline.publish_model(trained, test, spec=spec)

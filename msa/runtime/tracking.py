@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def ensure_experiment(name: str = EXPERIMENT) -> str:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def run_name(kind: str, dataset_digest: str, preset: str | None = None) -> str:
+    """``<kind>[-<preset>]-<digest8>-<local time>``: a run name that sorts by time and says what it trained on."""
+    return "-".join([kind, *([preset] if preset else []), dataset_digest[:8], time.strftime("%Y%m%d-%H%M%S")])
 
 
 def git_commit() -> str:
