@@ -22,7 +22,7 @@ import re
 
 from pydantic import BaseModel, Field, PrivateAttr
 
-from .storage import TMP_RE, Store, StorageError
+from .storage import TMP_RE, StorageError, Store
 
 __all__ = [
     "SCHEMA_VERSION",

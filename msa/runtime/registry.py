@@ -44,9 +44,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException

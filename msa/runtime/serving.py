@@ -38,7 +38,8 @@ class MSAEmbedder(mlflow.pyfunc.PythonModel):
 
         loaded = resolve_model(context.artifacts[CHECKPOINT_ARTIFACT], "cpu",
                                tokenizer_dir=context.artifacts[TOKENIZER_ARTIFACT])
-        self.model, self.cfg, self.tokenizer, self.transform = loaded.model, loaded.cfg, loaded.tokenizer, loaded.transform
+        self.model, self.cfg = loaded.model, loaded.cfg
+        self.tokenizer, self.transform = loaded.tokenizer, loaded.transform
         self.torch = torch
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
