@@ -475,6 +475,8 @@ def test_cli_bad_input_exits_2_with_one_line(world, tmp_path, capsys):
          "msa index: error: ", "no such checkpoint directory"),
         (["index", "--model", str(world["checkpoint"]), "--data", world["shards"], "--out", str(tmp_path / "v"),
           "--split", "val"], "msa index: error: ", "no 'val' split"),
+        (["index", "--model", str(world["checkpoint"]), "--data", f"a={world['shards']},b={world['shards']}",
+          "--out", str(tmp_path / "m")], "msa index: error: ", "names a mix of a, b"),
         (["search", str(tmp_path / "nothing"), "--text", "fields"], "msa search: error: ", "no such index directory"),
         (["search", str(world["index_dir"]), "--text", "  "], "msa search: error: ", "empty"),
         (["search", str(world["index_dir"]), "--image", str(tmp_path / "no-such.jpg")], "msa search: error: ",

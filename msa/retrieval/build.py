@@ -203,10 +203,15 @@ def build_index(
     other non-empty directory is refused. ``ann`` ("auto", "always", "never") says which sides get a
     faiss IVF index (``wants_ann``). ``progress`` shows tqdm bars on stderr. Returns the index path.
     """
+    from msa.runtime.datasets import DataMix
     from shards.manifest import read_manifest
     from shards.storage import register_webdataset_s3
 
     wants_ann(ann, 0)  # refuse a bad mode before any work
+    mix = DataMix.parse(data_uri)
+    if mix.joint:
+        raise ValueError(f"an index holds one shard set, but {data_uri!r} names a mix of "
+                         f"{', '.join(c.name for c in mix.corpora)}: index each URI apart")
     out = Path(out_dir).expanduser().absolute()
     _check_replaceable(out)
     model = model_source if isinstance(model_source, ResolvedModel) else resolve_model(model_source)
