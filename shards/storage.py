@@ -9,17 +9,24 @@ Writes are atomic: a local file is written under a hidden temporary name in the 
 (``.NAME.tmp.PID``), fsynced and renamed into place; an S3 object is uploaded from a complete local
 temporary file in one PUT (multipart uploads also appear only when complete), so a final name never
 holds a partial file.
+
+Remote operations that fail with a :class:`TransientStorageError` (endpoint unreachable, connection
+reset, timeout, 5xx) are retried with backoff (0.25 s doubling to 2 s) for up to ``RETRY_SECONDS``
+(30 s, ``Store(retry_seconds=...)``) from the first failure, on top of botocore's own retries; then the
+error is raised saying how long it was retried. Each retry is logged as a warning (logger ``shards``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
-from typing import IO
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 __all__ = [
     "StorageError",
@@ -33,7 +40,10 @@ __all__ = [
     "is_remote",
 ]
 
+log = logging.getLogger("shards")
+_T = TypeVar("_T")
 _CHUNK = 1 << 20
+RETRY_SECONDS = 30.0  # how long a remote operation failing with TransientStorageError is retried
 # Temporary files left by an interrupted local write: ".NAME.tmp.PID" in the target directory.
 TMP_RE = re.compile(r"(^|/)\.[^/]+\.tmp\.\d+$")
 
@@ -142,8 +152,9 @@ def register_webdataset_s3(storage_options: dict | None = None) -> None:
 class Store:
     """A shard-set root (local directory or remote prefix) addressed by relative POSIX names."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None):
+    def __init__(self, uri: str, storage_options: dict | None = None, retry_seconds: float | None = None):
         uri = uri.rstrip("/") if uri not in ("/",) else uri
+        self.retry_seconds = RETRY_SECONDS if retry_seconds is None else retry_seconds
         self.remote = is_remote(uri)
         if self.remote:
             self.uri = uri
@@ -170,36 +181,64 @@ class Store:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if self.remote else self.url(name)
 
+    def _io(self, what: str, op: Callable[[], _T]) -> _T:
+        """``op()`` with backend errors raised as StorageError naming ``what``; on a remote store a
+        TransientStorageError is retried (module docstring) before it is raised."""
+        deadline, delay = None, 0.25
+        while True:
+            try:
+                with storage_errors(what):
+                    return op()
+            except TransientStorageError as exc:
+                if not self.remote:
+                    raise
+                now = time.monotonic()
+                deadline = now + self.retry_seconds if deadline is None else deadline
+                if now >= deadline:
+                    raise TransientStorageError(
+                        f"{exc} (still failing after retrying for {self.retry_seconds:g} s)") from exc
+                wait = min(delay, deadline - now)
+                log.warning("%s; retrying in %.2g s", exc, wait)
+                time.sleep(wait)
+                delay = min(2 * delay, 2.0)
+
     # -- reading ------------------------------------------------------------------------------
     def size(self, name: str) -> int | None:
         """Size in bytes, or None when ``name`` does not exist."""
-        with storage_errors(self.url(name)):
-            if not self.remote:
-                try:
-                    return os.stat(self._path(name)).st_size
-                except FileNotFoundError:
-                    return None
+        path = self._path(name)
+
+        def op() -> int | None:
             try:
-                return int(self.fs.info(self._path(name), refresh=True)["size"])
+                if not self.remote:
+                    return os.stat(path).st_size
+                return int(self.fs.info(path, refresh=True)["size"])
             except FileNotFoundError:
                 return None
+
+        return self._io(self.url(name), op)
 
     def read_bytes(self, name: str) -> bytes | None:
         """Content of ``name``, or None when it does not exist."""
-        with storage_errors(self.url(name)):
+        path = self._path(name)
+
+        def op() -> bytes | None:
             try:
                 if not self.remote:
-                    with open(self._path(name), "rb") as f:
+                    with open(path, "rb") as f:
                         return f.read()
-                return self.fs.cat_file(self._path(name))
+                return self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
 
+        return self._io(self.url(name), op)
+
     def sha256(self, name: str) -> tuple[str, int] | None:
         """(sha256 hex, size) of ``name`` streamed in chunks, or None when it does not exist."""
-        with storage_errors(self.url(name)):
+        path = self._path(name)
+
+        def op() -> tuple[str, int] | None:
             try:
-                f = open(self._path(name), "rb") if not self.remote else self.fs.open(self._path(name), "rb")
+                f = open(path, "rb") if not self.remote else self.fs.open(path, "rb")
             except FileNotFoundError:
                 return None
             h, n = hashlib.sha256(), 0
@@ -209,25 +248,30 @@ class Store:
                     n += len(chunk)
             return h.hexdigest(), n
 
+        return self._io(self.url(name), op)
+
     def list_files(self, max_depth: int = 2) -> dict[str, int]:
         """Relative names -> sizes of the files at most ``max_depth`` levels below the root."""
-        out: dict[str, int] = {}
-        with storage_errors(self.uri):
-            if not self.remote:
-                if not os.path.isdir(self.root):
-                    return out
 
-                def walk(d: str, rel: str, depth: int) -> None:
-                    with os.scandir(d) as it:
-                        for e in it:
-                            name = f"{rel}{e.name}"
-                            if e.is_file(follow_symlinks=False):
-                                out[name] = e.stat(follow_symlinks=False).st_size
-                            elif e.is_dir(follow_symlinks=False) and depth < max_depth:
-                                walk(e.path, name + "/", depth + 1)
-
-                walk(self.root, "", 1)
+        def local() -> dict[str, int]:
+            out: dict[str, int] = {}
+            if not os.path.isdir(self.root):
                 return out
+
+            def walk(d: str, rel: str, depth: int) -> None:
+                with os.scandir(d) as it:
+                    for e in it:
+                        name = f"{rel}{e.name}"
+                        if e.is_file(follow_symlinks=False):
+                            out[name] = e.stat(follow_symlinks=False).st_size
+                        elif e.is_dir(follow_symlinks=False) and depth < max_depth:
+                            walk(e.path, name + "/", depth + 1)
+
+            walk(self.root, "", 1)
+            return out
+
+        def remote() -> dict[str, int]:
+            out: dict[str, int] = {}
             self.fs.invalidate_cache()
             try:
                 found = self.fs.find(self.root, maxdepth=max_depth, detail=True)
@@ -240,6 +284,8 @@ class Store:
                 if rel:
                     out[rel] = int(info.get("size") or 0)
             return out
+
+        return self._io(self.uri, remote if self.remote else local)
 
     # -- writing ------------------------------------------------------------------------------
     def open_atomic(self, name: str) -> AtomicFile:
@@ -274,15 +320,16 @@ class Store:
 
     def remove(self, name: str) -> None:
         """Delete ``name`` if present."""
-        with storage_errors(self.url(name)):
-            if not self.remote:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path(name))
-                return
-            try:
-                self.fs.rm_file(self._path(name))
-            except FileNotFoundError:
-                pass
+        path = self._path(name)
+
+        def op() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                if not self.remote:
+                    os.unlink(path)
+                else:
+                    self.fs.rm_file(path)
+
+        self._io(self.url(name), op)
 
     def makedirs(self) -> None:
         with storage_errors(self.uri):
@@ -291,11 +338,30 @@ class Store:
 
 
 
+class _GuardedFile:
+    """The temporary file of an :class:`AtomicFile`: its writes raise StorageError naming the final
+    name (a full disk is ``StorageError("DIR/NAME.tar: [Errno 28] No space left on device")``, not a
+    bare OSError from deep inside the writer)."""
+
+    def __init__(self, file: IO[bytes], url: str):
+        self._file, self._url = file, url
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            raise _classify(exc, self._url) from exc
+
+    def __getattr__(self, attr: str):
+        return getattr(self._file, attr)
+
+
 class AtomicFile:
     """A file being written to a temporary place; see :meth:`Store.open_atomic`."""
 
     def __init__(self, store: Store, name: str, file: IO[bytes], tmp: str):
-        self.store, self.name, self.file, self._tmp = store, name, file, tmp
+        self.store, self.name, self._tmp = store, name, tmp
+        self.file = _GuardedFile(file, store.url(name))
 
     def commit(self) -> None:
         """Local: flush, fsync, rename into place. S3: one PUT of the complete file."""
@@ -308,7 +374,7 @@ class AtomicFile:
                     self.file.close()
                     os.replace(self._tmp, self.store._path(self.name))
                 else:
-                    self.store.fs.put_file(self._tmp, self.store._path(self.name))
+                    self.store._io(url, lambda: self.store.fs.put_file(self._tmp, self.store._path(self.name)))
                     self.file.close()  # a NamedTemporaryFile: deleted on close
         except BaseException:
             self.discard()

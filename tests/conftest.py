@@ -6,6 +6,8 @@ Session-scoped unless noted; each starts only when a test asks for it:
   artifact root in a temporary directory, one worker and background jobs off (starts in ~15 s
   instead of ~50 s); yields the tracking URI. The store is shared by every test of the session,
   so tests use their own registered-model names or assert on what they created.
+- ``s3_endpoint`` (per test): moto's threaded S3 server on 127.0.0.1 (free port) with fake AWS
+  credentials in the environment and one bucket, ``msa-shards``; yields its endpoint URL.
 - ``tiny_corpus`` / ``tiny_shards``: a 48/16/16-image synthetic corpus (32 px) and its shards
   (written once with ``shards.writer.write_shards``); ``tiny_shards`` yields the shard set's path.
 - ``ray_cluster`` (per test): a local Ray cluster for tests that train (msa.runtime.ray_train.ensure_ray), shut down at
@@ -119,6 +121,31 @@ def mlflow_server(tmp_path_factory) -> str:
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server with fake credentials and one bucket (msa-shards); yields its endpoint URL."""
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-0123",
+                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="msa-shards")
+        yield endpoint
+    finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -18,36 +17,7 @@ from shards.manifest import read_manifest, verify_shards  # noqa: E402
 from shards.storage import StorageError, register_webdataset_s3  # noqa: E402
 from shards.writer import write_shards  # noqa: E402
 
-BUCKET = "msa-shards"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """A moto S3 server with fake credentials and one bucket; yields its endpoint URL."""
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-0123",
-                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield endpoint
-    finally:
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+BUCKET = "msa-shards"  # created by the s3_endpoint fixture (conftest)
 
 
 def _corpus(root):
