@@ -424,6 +424,7 @@ def _add_ops_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     import flows.cli_retrieval
+    import flows.cli_weights
     import shards.cli
 
     parser = argparse.ArgumentParser(
@@ -444,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(config, epochs=False)
     config.set_defaults(handler=_config)
     flows.cli_retrieval.register(sub)
+    flows.cli_weights.register(sub)
     shards.cli.register(sub, json_stdout=json_stdout)
     return parser
 

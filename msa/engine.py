@@ -377,13 +377,16 @@ def fit(
     device: torch.device | str = "cpu",
     dist: Distributed | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
+    checkpoint_config: MSAConfig | None = None,
 ) -> FitResult:
     """Train ``cfg`` on ``plan`` for ``cfg.train.epochs``, resuming from ``sink`` when it has a checkpoint.
 
     Every rank trains on its share of the shards; rank 0 also evaluates validation recall after each
     epoch and hands the sink a checkpoint writer. Returns rank 0's per-epoch history. Several plans
     (joint training) are mixed into one stream by their weights and validated one by one
-    (``val_<name>_<key>``); the unprefixed ``val_<key>`` is then their mean.
+    (``val_<name>_<key>``); the unprefixed ``val_<key>`` is then their mean. Checkpoints record
+    ``checkpoint_config`` (default ``cfg``): the runtime builds from node-local copies of shared weights
+    (``msa.runtime.weights``) and records the shared URIs, so a checkpoint rebuilds on any node.
     """
     plans = [plan] if isinstance(plan, SplitPlan) else list(plan)
     dist = dist or Distributed()
@@ -456,7 +459,7 @@ def fit(
             f"{metrics['train_pairs_per_s']:.0f} pairs/s")
 
         def write(directory: Path, epoch: int = epoch, metrics: dict = metrics) -> None:
-            save_checkpoint(directory, model=model, optimizer=optimizer, epoch=epoch, cfg=cfg,
+            save_checkpoint(directory, model=model, optimizer=optimizer, epoch=epoch, cfg=checkpoint_config or cfg,
                             dataset_digest=dataset_digest, metrics=metrics, history=history)
 
         sink.end_epoch(metrics, write)

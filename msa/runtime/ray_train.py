@@ -129,6 +129,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     from msa.engine import Distributed, fit
     from msa.runtime import tracking
     from msa.runtime.datasets import DataMix
+    from msa.runtime.weights import materialize_weights
     from shards.manifest import read_manifest
     from shards.storage import register_webdataset_s3
 
@@ -153,8 +154,10 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             several = ctx.get_local_world_size() < ctx.get_world_size()
             sampler = tracking.system_metrics(job.mlflow_run_id, f"node{ctx.get_node_rank()}" if several else None)
     sink = RayReportSink(job, dist.rank)
+    local_cfg = materialize_weights(cfg, options)  # s3:// weights -> this node's cache; checkpoints keep the URIs
     with sampler:
-        fit(cfg, plan, sink=sink, dataset_digest=job.dataset_digest, device=ray.train.torch.get_device(), dist=dist)
+        fit(local_cfg, plan, sink=sink, dataset_digest=job.dataset_digest, device=ray.train.torch.get_device(),
+            dist=dist, checkpoint_config=cfg)
     sink.finish()
 
 

@@ -23,6 +23,7 @@ from msa.config import MSAConfig
 from msa.data import ImageTransform
 from msa.encoders import build_tokenizer, tokenize
 from msa.model import MSAModel
+from msa.runtime.weights import materialize_weights
 from shards.storage import is_remote, open_url
 
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -112,13 +113,13 @@ def resolve_model(
         with tempfile.TemporaryDirectory(prefix="msa-model-") as tmp:
             checkpoint_dir, tokenizer_dir, resolved, registry = _download_mlflow_model(source, Path(tmp), mlflow_uri)
             state = load_checkpoint(checkpoint_dir, map_location="cpu")
-            model, cfg = model_from_checkpoint(state)
+            model, cfg, _ = _rebuild(state, storage_options)
             tokenizer = build_tokenizer(str(tokenizer_dir))
     elif is_remote(source):
         with tempfile.TemporaryDirectory(prefix="msa-model-") as tmp:
             state = load_checkpoint(_fetch_checkpoint(source, Path(tmp), storage_options), map_location="cpu")
-        model, cfg = model_from_checkpoint(state)
-        tokenizer = build_tokenizer(cfg)
+        model, cfg, local_cfg = _rebuild(state, storage_options)
+        tokenizer = build_tokenizer(local_cfg)
         resolved = source
     else:
         directory = Path(source).expanduser()
@@ -131,8 +132,8 @@ def resolve_model(
             )
         resolved = str(directory.resolve())
         state = load_checkpoint(directory, map_location="cpu")
-        model, cfg = model_from_checkpoint(state)
-        tokenizer = build_tokenizer(str(tokenizer_dir) if tokenizer_dir else cfg)
+        model, cfg, local_cfg = _rebuild(state, storage_options)
+        tokenizer = build_tokenizer(str(tokenizer_dir) if tokenizer_dir else local_cfg)
     model.to(device).eval()
     return ResolvedModel(
         model=model,
@@ -145,6 +146,15 @@ def resolve_model(
         checkpoint_epoch=state.get("epoch"),
         trained_on=state.get("dataset_digest"),
     )
+
+
+def _rebuild(state: dict[str, Any], storage_options: dict | None) -> tuple[MSAModel, MSAConfig, MSAConfig]:
+    """(model, config as stored, config with local paths): a stored config may name a shared ``s3://`` text model
+    (``msa weights fetch``), copied once to this node for its config and tokenizer; the weights are the checkpoint's."""
+    cfg = MSAConfig.from_dict(state["config"])
+    local_cfg = materialize_weights(cfg, storage_options, fields=("text.model", "text.tokenizer"))
+    model, _ = model_from_checkpoint({**state, "config": local_cfg.to_dict()})
+    return model, cfg, local_cfg
 
 
 def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
