@@ -19,6 +19,7 @@ WRITE_BUDGET_S of asking for the slot (the deadline this lease yields to ``promo
 walks away and lets the slot free itself, because a late release could free a slot that has already
 passed to the next holder. For the same reason the release is sent once, without the Prefect
 client's retries: a retried decrement whose first reply was lost would free the next holder's slot.
+Only a 503 is sent again: the server answers it when its database was busy and the decrement rolled back.
 """
 
 from __future__ import annotations
@@ -109,12 +110,28 @@ def _hold(name: str, timeout_s: float) -> Iterator[float]:
         try:
             yield deadline
         finally:
-            if time.monotonic() < deadline:
-                try:
-                    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
-                        client.release_concurrency_slots([name], 1, max(time.monotonic() - asked, 0.1))
-                except httpx.HTTPError as exc:
-                    log.warning("releasing %s failed (%s): its slot frees itself within %.0fs", name, exc, HOLD_S)
-            else:
-                log.warning("promotion lease %s held past its %.0fs write budget: not released, its slot "
-                            "frees itself within %.0fs of being taken", name, WRITE_BUDGET_S, HOLD_S)
+            _release(client, name, asked, deadline)
+
+
+def _release(client: SyncPrefectClient, name: str, asked: float, deadline: float) -> None:
+    """Give the slot back, only before ``deadline``. A 503 is retried: it is the server's reply to a
+    database that was busy (SQLite's SQLITE_BUSY, ``is_client_retryable_exception`` in Prefect's server),
+    whose transaction rolled back, so the decrement did not happen and cannot happen twice. (On PostgreSQL
+    a connection lost during the commit also answers 503; that the commit went through then is possible
+    but would need the database to fail in the release's last milliseconds.) Any other failure is left
+    to the slot's decay."""
+    while time.monotonic() < deadline:
+        try:
+            with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+                client.release_concurrency_slots([name], 1, max(time.monotonic() - asked, 0.1))
+            return
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != httpx.codes.SERVICE_UNAVAILABLE:
+                log.warning("releasing %s failed (%s): its slot frees itself within %.0fs", name, exc, HOLD_S)
+                return
+            time.sleep(random.uniform(0.5, 1.5) * POLL_S)
+        except httpx.HTTPError as exc:  # no reply: the decrement may have happened, so never sent again
+            log.warning("releasing %s failed (%s): its slot frees itself within %.0fs", name, exc, HOLD_S)
+            return
+    log.warning("promotion lease %s held past its %.0fs write budget: not released, its slot "
+                "frees itself within %.0fs of being taken", name, WRITE_BUDGET_S, HOLD_S)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main as msa_main
-from flows.lease import limit_name, promotion_lease
+from flows.lease import HOLD_S, limit_name, promotion_lease
 from msa.config import MSAConfig, resolve_config
 from msa.runtime import registry, tracking
 from msa.runtime.tracking import CHAMPION, DIGEST_TAG
@@ -169,7 +170,7 @@ def test_first_better_worse_margin_and_digest(
     assert _champion(client, name) == strong  # never left without a champion, never moved by a refusal
 
 
-def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, prefect_stack, tiny_shards) -> None:
+def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, prefect_stack, tiny_shards, caplog) -> None:
     """Two equal candidates (same weights) both beat the champion; both evaluate before either
     commits (a barrier in the pre-commit hook). Exactly one moves the alias; the other takes the
     lease after it, sees the new champion, re-evaluates against it and is kept (equal mR does not
@@ -215,10 +216,16 @@ def test_two_concurrent_promotions_have_one_winner(models, mlflow_server, prefec
     assert results[loser].champion_version == winner and results[loser].attempts == 2
     assert results[loser].candidate_mR == pytest.approx(results[loser].champion_mR)
     # The lease was released (not left to free itself), and it lives on the Prefect server, not in the registry.
+    # A server too loaded to answer within the holder's write budget is the one exception: the holder says so,
+    # and the slot frees itself HOLD_S after it was taken.
     from prefect.client.orchestration import get_client
 
+    lease_log = [r.getMessage() for r in caplog.records if r.name == "flows.lease"]
+    unreleased = [m for m in lease_log if "frees itself" in m]
     with get_client(sync_client=True) as prefect:
-        assert prefect.read_global_concurrency_limit_by_name(limit_name(name)).active_slots == 0
+        if unreleased:
+            time.sleep(HOLD_S)
+        assert prefect.read_global_concurrency_limit_by_name(limit_name(name)).active_slots == 0, unreleased
     assert {m.name for m in client.search_registered_models(f"name LIKE '{name}%'")} == {name}
 
 

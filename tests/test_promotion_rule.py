@@ -1,5 +1,7 @@
-"""The promotion rule, without servers: ``beats_champion`` at its boundaries, and ``promote`` deciding
-by it (MLflow, the shards and the evaluation replaced by in-memory stand-ins).
+"""The promotion rule, without servers: ``beats_champion`` at its boundaries, ``promote`` deciding
+by it (MLflow, the shards and the evaluation replaced by in-memory stand-ins), and which failed
+releases of the promotion lease are sent again (flows.lease; the lease itself runs on a real server
+in test_promote and test_promotion_stress).
 
 Rule: promote when there is no champion, or when candidate_mR > champion_mR and
 candidate_mR - champion_mR >= margin. The figures below are exact binary fractions, so "exactly at
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
+import httpx
 import pytest
 
+from flows import lease
 from msa.runtime import registry
 from msa.runtime.registry import KEPT, PROMOTED, beats_champion
 
@@ -133,3 +138,41 @@ def test_no_alias_write_once_the_lease_deadline_has_passed(monkeypatch):
     result = registry.promote("2", model_name="rule-test", lease=lease)
     assert champion_at_entry == ["1", "1"]  # the first holding wrote nothing
     assert result.decision == PROMOTED and result.attempts == 2 and fake.champion == "2"
+
+
+class _Releases:
+    """A Prefect client whose ``release_concurrency_slots`` answers ``replies`` in turn (None: done)."""
+
+    def __init__(self, *replies: BaseException | None):
+        self.replies, self.calls = list(replies), 0
+
+    def release_concurrency_slots(self, names, slots, occupancy_seconds) -> None:
+        self.calls += 1
+        reply = self.replies.pop(0)
+        if reply is not None:
+            raise reply
+
+
+def _status(code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/decrement")
+    return httpx.HTTPStatusError(str(code), request=request, response=httpx.Response(code, request=request))
+
+
+@pytest.mark.parametrize(("replies", "calls"), [
+    ((None,), 1),
+    ((_status(503), _status(503), None), 3),  # the database was busy and rolled back: sent again
+    ((_status(500),), 1),  # anything else may have happened: a second decrement could free the next holder
+    ((httpx.ReadTimeout("reply lost"),), 1),
+])
+def test_release_is_resent_only_after_a_rolled_back_503(replies, calls, monkeypatch):
+    monkeypatch.setattr(lease, "POLL_S", 0.0)
+    client = _Releases(*replies)
+    lease._release(client, "msa-promotion:m", asked=time.monotonic(), deadline=time.monotonic() + 60)
+    assert client.calls == calls
+
+
+def test_release_past_the_write_budget_is_never_sent(monkeypatch):
+    monkeypatch.setattr(lease, "POLL_S", 0.0)
+    client = _Releases(None)
+    lease._release(client, "msa-promotion:m", asked=time.monotonic() - 30, deadline=time.monotonic() - 1)
+    assert client.calls == 0
