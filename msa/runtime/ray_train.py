@@ -4,11 +4,23 @@ Rank 0 logs each epoch to MLflow and reports it with a checkpoint; every rank ca
 ``ray.train.report`` once per epoch (it is a barrier). Resume is Ray's: the same run name and
 storage path hand the newest checkpoint back to ``fit``; an unreadable one is skipped for the
 newest readable one the run reported (``resume_from``).
+
+S3 (``storage_path=s3://...``, shards on ``s3://``): checkpoints go through a pyarrow S3 filesystem on the
+run's endpoint (``RunSpec.endpoint_url``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) whose requests
+are retried for about 25 s (``S3_RETRY_ATTEMPTS``; Ray's own 3 upload attempts come on top), and the
+workers read shards through s3fs with botocore's standard retry mode (``S3_READ_RETRIES``), so an endpoint
+that is down for several seconds mid-run delays an epoch instead of failing a worker.
+
+Credentials (``SECRET_ENV``) are never put into a filesystem object, a runtime_env, a log or a parameter: the
+processes of a local cluster inherit them from the driver's environment, and the nodes of a remote cluster
+need their own (instance role, Kubernetes secret: infra/README.md). Ray's runtime_env agent logs the
+``env_vars`` it sets up in plain text, so only ``forwarded_env`` (endpoints, settings) goes there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,6 +38,13 @@ from msa.runtime.spec import RunSpec
 # One record per finished epoch, on the driver (``extra``: ``epoch_metrics``, ``epochs``); `msa demo` draws its
 # progress bar from it.
 EPOCH_LOG = logging.getLogger("msa.runtime.epochs")
+# Never forwarded to workers through a runtime_env (see the module docstring).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Attempts per request of the checkpoint storage on S3: AWS's default strategy waits 2^k x 25 ms between
+# them, about 25 s in all for 10.
+S3_RETRY_ATTEMPTS = 10
+# botocore retry settings of the workers' shard reads (s3fs ``config_kwargs``): exponential backoff up to 20 s.
+S3_READ_RETRIES = {"mode": "standard", "max_attempts": 10}
 
 
 @dataclass
@@ -136,7 +155,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     job = TrainJob(**job_dict)
     cfg = MSAConfig.from_dict(job.config)
     ctx = ray.train.get_context()
-    options = job.spec.storage_options or {}
+    options = _with_read_retries(job.spec.storage_options)
     register_webdataset_s3(options)
     plan = [plan_splits(read_manifest(c.uri, options), cfg.train.val_fraction, name=c.name, weight=c.weight)
             for c in DataMix.parse(job.data_uri).corpora]
@@ -181,6 +200,11 @@ def ensure_ray(ray_address: str | None = None) -> None:
     env = {**OFFLINE_ENV, **forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     address = ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        if any(name in os.environ for name in SECRET_ENV):
+            logging.getLogger(__name__).warning(
+                "the AWS credentials of this environment are not sent to the Ray cluster at %s (Ray would log "
+                "them): its nodes read S3 with their own (instance role or Kubernetes secret, infra/README.md)",
+                address)
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
     import socket
@@ -214,6 +238,7 @@ def run_training(job: TrainJob, callbacks: list | None = None) -> TrainOutcome:
     spec = job.spec
     ensure_ray(spec.ray_address)
     cfg = MSAConfig.from_dict(job.config)
+    storage_path, storage_filesystem = ray_storage(spec)
     with _epochs_to_driver(cfg.train.epochs) as relay:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -226,7 +251,8 @@ def run_training(job: TrainJob, callbacks: list | None = None) -> TrainOutcome:
             ),
             run_config=RunConfig(
                 name=job.run_name,
-                storage_path=spec.storage,
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 callbacks=[*(callbacks or []), *relay],
                 failure_config=FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=CheckpointConfig(
@@ -293,11 +319,9 @@ def _epochs_to_driver(epochs: int) -> Iterator[list]:
 
 
 def forwarded_env() -> dict[str, str]:
-    """Credentials and endpoints the workers need, taken from the driver's environment, never logged."""
+    """Endpoints and settings the workers need, from the driver's environment, for the runtime_env of every
+    worker. Never credentials (``SECRET_ENV``): Ray logs a runtime_env's variables."""
     names = (
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
         "AWS_DEFAULT_REGION",
         "AWS_ENDPOINT_URL",
         "MLFLOW_TRACKING_URI",
@@ -308,6 +332,61 @@ def forwarded_env() -> dict[str, str]:
 
 
 def _checkpoint_uri(checkpoint) -> str:
-    if type(checkpoint.filesystem).__name__ == "S3FileSystem":
+    if checkpoint.filesystem.type_name == "s3":
         return f"s3://{checkpoint.path}"
     return str(Path(checkpoint.path))
+
+
+def _with_read_retries(storage_options: dict | None) -> dict:
+    """A copy of ``storage_options`` whose s3fs client retries (``S3_READ_RETRIES``) unless they say otherwise;
+    local paths ignore it."""
+    options = dict(storage_options or {})
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_READ_RETRIES))
+    return {**options, "config_kwargs": config}
+
+
+def ray_storage(spec: RunSpec) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's ``RunConfig``: a local path as it is; ``s3://bucket/prefix``
+    as ``bucket/prefix`` on ``s3_storage_filesystem`` (the run's endpoint; without one, the bucket's region, as
+    pyarrow would resolve it)."""
+    storage = spec.storage
+    if not storage.startswith("s3://"):
+        return storage, None
+    from shards.storage import resolve_storage_options
+
+    path = storage[len("s3://"):].rstrip("/")
+    endpoint = resolve_storage_options(storage, spec.storage_options).get("endpoint_url")
+    region = None
+    if not endpoint:
+        import pyarrow.fs
+
+        with contextlib.suppress(OSError):
+            region = pyarrow.fs.resolve_s3_region(path.split("/")[0])
+    return path, s3_storage_filesystem(endpoint, region)
+
+
+def s3_storage_filesystem(endpoint_url: str | None = None, region: str | None = None,
+                          attempts: int = S3_RETRY_ATTEMPTS):
+    """A ``pyarrow.fs.S3FileSystem`` on ``endpoint_url`` (None: AWS) that retries each request ``attempts`` times
+    and keeps doing so in every process it is pickled to (pyarrow's own pickling drops the retry strategy,
+    apache/arrow#47348). Credentials come from the environment of the process that uses it."""
+    return _retrying_s3_class()(endpoint_url, region, attempts)
+
+
+@functools.cache
+def _retrying_s3_class():
+    """Built on first use, so that importing this module does not import pyarrow.fs."""
+    import pyarrow.fs
+
+    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        def __init__(self, endpoint_url: str | None, region: str | None, attempts: int):
+            options = {"endpoint_override": endpoint_url, "region": region}
+            super().__init__(retry_strategy=pyarrow.fs.AwsDefaultS3RetryStrategy(max_attempts=attempts),
+                             **{k: v for k, v in options.items() if v})
+            self._msa_args = (endpoint_url, region, attempts)
+
+        def __reduce__(self):
+            return s3_storage_filesystem, self._msa_args
+
+    return RetryingS3FileSystem
