@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from msa.config import MSAConfig
 from msa.encoders import tokenize
@@ -260,7 +260,7 @@ class PairBatches(IterableDataset):
             images, captions, image_ids = zip(*batch)
             input_ids, attention_mask = tokenize(self.tokenizer, list(captions), self.max_tokens)
             yield {
-                "images": torch.stack(images),
+                "images": default_collate(list(images)),  # in a loader worker: stacked in shared memory, not copied
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
                 "image_ids": torch.tensor(image_ids, dtype=torch.long),

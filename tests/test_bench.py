@@ -166,6 +166,22 @@ def test_a_subset_of_sections(tmp_path):
     assert result["mscmat"]["agreement"]["max_abs_diff"] < 1e-4
 
 
+def test_clip_preset_trains_on_random_towers_with_clip_captions(tmp_path):
+    """The CLIP presets' rows: random towers without a checkpoint, captions from CLIP's own tokenizer."""
+    out = tmp_path / "clip.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "msa.bench", "--device", "cpu", "--preset", "clip-vit-b32", "--sections", "train",
+         "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--no-encoders-row", "--matmul-tflops", "1",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    (row,) = result["train"]["rows"]
+    assert row["batch_size"] == 2 and row["status"] == "ok"
+    assert positive(row["pairs_per_s"]) and positive(row["flops_per_step"])
+    assert "open_clip:ViT-B-32 @224px" in proc.stdout and "77 tokens" in proc.stdout
+
+
 def test_naive_baseline_matches_library_at_paper_width():
     torch.manual_seed(0)
     library = MSCMAT((256, 512, 1024, 2048), d_model=768, num_heads=12).double()

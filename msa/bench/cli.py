@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader-images", type=int, default=None,
                    help="synthetic train images in the loader's shard set (default 64; --tiny: 12)")
     g.add_argument("--loader-batches", type=int, default=None, help="batches read per measurement "
-                   "(default 50; --tiny: 6)")
+                   "(default 200, about an epoch of a small corpus: the worker start is paid once; --tiny: 6)")
     g.add_argument("--loader-batch-size", type=int, default=None,
                    help="loader batch size (default: the preset's train.batch_size; --tiny: 8)")
     g.add_argument("--loader-image-px", type=int, default=None,
@@ -156,6 +156,8 @@ def _resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, torch.device
     if args.channels_last is False:
         overrides.append("train.channels_last=false")
     cfg = resolve_config(preset, overrides)
+    if cfg.clip.enabled:  # random CLIP towers too: they are asked for explicitly (a checkpoint is never read)
+        cfg = resolve_config(preset, ["clip.checkpoint=null", "clip.random_init=true", *overrides])
     args.compile, args.fused_adamw = cfg.train.compile, cfg.train.fused_adamw
 
     def pick(name, default, tiny_value=None):
@@ -170,7 +172,7 @@ def _resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, torch.device
     pick("eval_batch_size", 512 if device.type == "cuda" else cfg.train.eval_batch_size, TINY["eval_batch_size"])
     pick("e2e_images", 64, TINY["e2e_images"])
     pick("loader_images", 64, TINY["loader_images"])
-    pick("loader_batches", 50, TINY["loader_batches"])
+    pick("loader_batches", 200, TINY["loader_batches"])
     pick("loader_batch_size", cfg.train.batch_size, TINY["loader_batch_size"])
     if min(args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("msa.bench: batch sizes and --steps must be >= 1, --warmup >= 0")

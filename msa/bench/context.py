@@ -15,6 +15,10 @@ from torch import Tensor, nn
 
 from msa.bench.common import comparability, log
 
+_WORDS = ("a", "the", "many", "green", "trees", "are", "near", "two", "white", "buildings", "and", "some", "cars",
+          "parked", "beside", "road", "river", "bridge", "over", "large", "airport", "with", "planes", "farmland",
+          "square", "playground", "in", "of", "on", "is", "surrounded", "by", "storage", "tanks", "port", "ships")
+
 
 @dataclasses.dataclass
 class Bench:
@@ -76,16 +80,15 @@ class Bench:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def captions(self, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-        """Random token ids shaped like tokenised captions: [CLS] words [SEP] [PAD]..., 8 to max_tokens long."""
+        """Random captions of 6 to max_tokens words, through the model's own tokenizer (BERT's or CLIP's), so
+        that ids, padding and end tokens are what training sees."""
+        from msa.encoders import tokenize
+
         g = torch.Generator().manual_seed(seed)
-        vocab = self.model.text.transformer.config.vocab_size
-        ids = torch.randint(min(1000, vocab // 2), vocab, (n, self.seq), generator=g)
-        lengths = torch.randint(min(8, self.seq), self.seq + 1, (n,), generator=g)
-        pos = torch.arange(self.seq)[None]
-        mask = (pos < lengths[:, None]).long()
-        ids[:, 0] = min(101, vocab - 1)
-        ids[torch.arange(n), lengths - 1] = min(102, vocab - 1)
-        ids = ids * mask
+        lengths = torch.randint(min(6, self.seq), self.seq + 1, (n,), generator=g).tolist()
+        words = torch.randint(len(_WORDS), (n, self.seq), generator=g).tolist()
+        texts = [" ".join(_WORDS[w] for w in row[:length]) for row, length in zip(words, lengths)]
+        ids, mask = tokenize(self.tokenizer, texts, self.seq)
         return ids.to(self.device), mask.to(self.device)
 
     def corpus(self) -> dict[str, Any]:
