@@ -125,13 +125,12 @@ def _release(client: SyncPrefectClient, name: str, asked: float, deadline: float
             with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
                 client.release_concurrency_slots([name], 1, max(time.monotonic() - asked, 0.1))
             return
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != httpx.codes.SERVICE_UNAVAILABLE:
+        except httpx.HTTPError as exc:  # without a reply the decrement may have happened: never sent again
+            rolled_back = (isinstance(exc, httpx.HTTPStatusError)
+                           and exc.response.status_code == httpx.codes.SERVICE_UNAVAILABLE)
+            if not rolled_back:
                 log.warning("releasing %s failed (%s): its slot frees itself within %.0fs", name, exc, HOLD_S)
                 return
             time.sleep(random.uniform(0.5, 1.5) * POLL_S)
-        except httpx.HTTPError as exc:  # no reply: the decrement may have happened, so never sent again
-            log.warning("releasing %s failed (%s): its slot frees itself within %.0fs", name, exc, HOLD_S)
-            return
     log.warning("promotion lease %s held past its %.0fs write budget: not released, its slot "
                 "frees itself within %.0fs of being taken", name, WRITE_BUDGET_S, HOLD_S)
