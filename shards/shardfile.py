@@ -10,6 +10,7 @@ heavy. The same plan gives the same bytes wherever it is written.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import hashlib
 import tarfile
@@ -48,6 +49,7 @@ _H_TAIL = _HEADER_TEMPLATE[156:]  # type, linkname, magic, uname, gname, ...
 _H_SUM = sum(_H_MID) + sum(_H_MTIME) + sum(_H_TAIL) + 8 * 0x20  # checksum field counts as spaces
 _MAX_FAST_SIZE = 8**11 - 1  # larger sizes need tarfile's base-256 encoding
 _ZEROS = bytes(512)
+_FLUSH_BYTES = 1 << 20  # bytes handed to the file and the hasher at a time
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -89,38 +91,60 @@ class ShardPlan:
 
 
 class _ShardWriter:
-    """One tar shard being written atomically to the store."""
+    """One tar shard being written atomically to the store. Its sha256 is computed in ``hasher``'s
+    thread, a megabyte at a time, while the calling thread writes the same bytes and assembles the
+    next ones (hashlib and file writes release the GIL: the two overlap on two cores)."""
 
-    def __init__(self, store: Store, name: str):
+    def __init__(self, store: Store, name: str, hasher: cf.Executor):
         self.name = name
         self._af = store.open_atomic(name)
         self._f = self._af.file
         self._sha = hashlib.sha256()
+        self._hasher = hasher
+        self._hashing: cf.Future | None = None
+        self._parts: list[bytes] = []
+        self._pending = 0  # bytes in _parts
         self.bytes = 0
         self.samples = 0
 
-    def _write(self, b: bytes) -> None:
-        self._f.write(b)
-        self._sha.update(b)
-        self.bytes += len(b)
-
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        parts = []
         for ext in sorted(members):
             data = members[ext]
-            parts += (tar_header(f"{key}.{ext}", len(data)), data, _ZEROS[: -len(data) % 512])
-        self._write(b"".join(parts))
+            pad = _ZEROS[: -len(data) % 512]
+            self._parts += (tar_header(f"{key}.{ext}", len(data)), data, pad)
+            self._pending += 512 + len(data) + len(pad)
         self.samples += 1
+        if self._pending >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        chunk = b"".join(self._parts)  # one buffer: one write, one GIL-free update (small ones hold the GIL)
+        self._parts = []
+        self.bytes += self._pending
+        self._pending = 0
+        self._wait_hash()
+        self._hashing = self._hasher.submit(self._sha.update, chunk)
+        self._f.write(chunk)
+
+    def _wait_hash(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def finish(self, content: str) -> tuple[ShardInfo, AtomicFile]:
         """End the archive; returns its info and the file to commit (which publishes it)."""
-        end = END_BYTES + (-(self.bytes + END_BYTES)) % tarfile.RECORDSIZE  # zero blocks, padded to a record
-        self._write(b"\0" * end)
+        size = self.bytes + self._pending
+        self._parts.append(bytes(END_BYTES + (-(size + END_BYTES)) % tarfile.RECORDSIZE))  # zero blocks, padded
+        self._pending += len(self._parts[-1])
+        self._flush()
+        self._wait_hash()
         info = ShardInfo(name=self.name, bytes=self.bytes, sha256=self._sha.hexdigest(), samples=self.samples,
                          content=content)
         return info, self._af
 
     def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wait_hash()
         self._af.discard()
 
 
@@ -176,11 +200,12 @@ def write_plans(store: Store, plans: Iterable[ShardPlan], load: Callable[[Member
     """Write every planned shard (``load`` gives a member's image); returns their infos in order.
     On an error nothing half-written is published."""
     committer = _Committer()
+    hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
     infos: list[ShardInfo] = []
     current: _ShardWriter | None = None
     try:
         for plan in plans:
-            current = _ShardWriter(store, plan.name)
+            current = _ShardWriter(store, plan.name, hasher)
             for m in plan.members:
                 ext, data = load(m)
                 current.add(m.key, {ext: data, "json": m.meta})
@@ -196,6 +221,8 @@ def write_plans(store: Store, plans: Iterable[ShardPlan], load: Callable[[Member
             current.discard()
         committer.abandon()
         raise
+    finally:
+        hasher.shutdown(wait=True)
     return infos
 
 

@@ -24,6 +24,7 @@ carry fixed mtime/uid/gid/uname/mode.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
 import hashlib
@@ -61,7 +62,9 @@ log = logging.getLogger("shards")
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB soft limit per shard
 _MAX_REPORT = 50
 _KEEP_BYTES = 512 << 20  # image bytes kept in memory between the check and write phases (in-process)
-_CHECK_BATCH = 256  # images per check task (pool, Ray)
+_CHECK_BATCH = 256  # images per check task (threads, pool, Ray)
+_CHECK_THREADS = 2  # in-process check threads for large images (bench/bench_shards.py --like rsitmd)
+_THREAD_MIN_BYTES = 64 << 10  # mean image size from which they pay off
 _WRITE_BATCH = 512  # samples per write task: whole shards, at least one
 
 
@@ -144,33 +147,45 @@ def _is_complete(store: Store, m: Manifest) -> bool:
     return all(present.get(s.name) == s.bytes for s in m.shards())
 
 
-def _check_batch(want_ahash: bool, full_decode: bool, paths: list[str]) -> list[ImageInfo]:
-    """A worker's check task: the images' infos, without their bytes."""
-    return [inspect_image(p, want_ahash, full_decode) for p in paths]
+def _check_batch(want_ahash: bool, full_decode: bool, paths: list[str], keep_data: bool = False) -> list[ImageInfo]:
+    """A check task (a worker's: without the images' bytes): the images' infos."""
+    return [inspect_image(p, want_ahash, full_decode, keep_data) for p in paths]
 
 
 def _check(samples: list[Sample], executor: Executor | None, *, check_leaks: bool, full_decode: bool,
            keep: bool, progress: bool) -> list[ImageInfo]:
     """Every sample's image info. In-process, ``keep`` keeps the bytes (up to ``_KEEP_BYTES``) so the
-    write phase needs no second read."""
+    write phase needs no second read; when the first batch's images average ``_THREAD_MIN_BYTES`` or
+    more, the rest are checked in ``_CHECK_THREADS`` threads (reading and hashing release the GIL and
+    then dominate; for small files the threads' contention for the GIL costs more than they save)."""
     bar = progress_bar(len(samples), "check", progress)
+    paths = [s.image_path for s in samples]
+    batches = [paths[i:i + _CHECK_BATCH] for i in range(0, len(paths), _CHECK_BATCH)]
     try:
         if executor is not None:
-            paths = [s.image_path for s in samples]
-            batches = (paths[i:i + _CHECK_BATCH] for i in range(0, len(paths), _CHECK_BATCH))
             fn = functools.partial(_check_batch, check_leaks, full_decode)
             return [info for part in executor.map(fn, batches, len, bar) for info in part]
-        infos: list[ImageInfo] = []
-        kept = 0
-        for s in samples:
-            info = inspect_image(s.image_path, check_leaks, full_decode, keep_data=keep)
-            if info.data is not None:
-                kept += info.size
-                if kept > _KEEP_BYTES:
-                    info = dataclasses.replace(info, data=None)
-            infos.append(info)
-            bar.update(1)
-        return infos
+        fn = functools.partial(_check_batch, check_leaks, full_decode, keep_data=keep)
+        if not batches:
+            return []
+        first = fn(batches[0])
+        threads = _CHECK_THREADS if sum(i.size for i in first) >= _THREAD_MIN_BYTES * len(first) else 1
+        pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="shard-check")
+        try:
+            parts = itertools.chain([first], pool.map(fn, batches[1:]) if threads > 1 else map(fn, batches[1:]))
+            infos: list[ImageInfo] = []
+            kept = 0
+            for part in parts:
+                for info in part:
+                    if info.data is not None:
+                        kept += info.size
+                        if kept > _KEEP_BYTES:
+                            info = dataclasses.replace(info, data=None)
+                    infos.append(info)
+                bar.update(len(part))
+            return infos
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error (Ctrl-C too), do not read the rest
     finally:
         bar.close()
 

@@ -224,7 +224,7 @@ def _truncated_images() -> dict[str, tuple[bytes, str]]:
         "jpg-no-eoi.jpg": (jpg[:-2], "truncated JPEG (no end-of-image marker)"),
         "png-cut-mid-idat.png": (png[:png_cut], "truncated PNG (IDAT chunk runs past the end)"),
         "png-no-iend.png": (png[:-12], "truncated PNG (no IEND chunk)"),
-        "tif-cut-mid-strip.tif": (tif[:int(len(tif) * 0.9)], "truncated TIFF (OSError: image file is truncated"),
+        "tif-cut-mid-strip.tif": (tif[:int(len(tif) * 0.9)], "truncated TIFF (strip 1 of 1 runs past the end)"),
         "tif-cut-in-header.tif": (tif[:6], "truncated or corrupt TIFF (its header cannot be read)"),
     }
 
@@ -665,6 +665,38 @@ def test_fast_tar_header_matches_tarfile():
     for name, size in [("a.jpg", 0), ("k" * 100, 5), ("k" * 101, 7), ("x_1.json", 8**11 - 1),
                        ("x_1.json", 8**11 + 5), ("caf\u00e9_1.jpg", 3), ("ucm_1.tif", 123456)]:
         assert tar_header(name, size) == _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
+
+
+def test_threaded_check_and_hashing_write_the_same_bytes(tmp_path, monkeypatch):
+    """Large images are checked in threads (and every shard is hashed in a thread): the shards, their
+    digests and the reported problem are those of the one-thread path."""
+    import threading
+
+    import shards.writer as writer
+
+    ann, images, records = _good_corpus(tmp_path)
+    (images / "cut.jpg").write_bytes(_image_bytes(99)[:-2])  # the problem comes from a later batch
+    doc = json.loads(ann.read_text())
+    doc["images"].append(_record(99, "cut.jpg", "test"))
+    ann.write_text(json.dumps(doc))
+    seen: list[str] = []
+    check_batch = writer._check_batch
+    monkeypatch.setattr(writer, "_check_batch",
+                        lambda *a, **k: seen.append(threading.current_thread().name) or check_batch(*a, **k))
+    monkeypatch.setattr(writer, "_CHECK_BATCH", 2)
+    results = {}
+    for threads, min_bytes in ((1, 1 << 40), (2, 0)):
+        monkeypatch.setattr(writer, "_CHECK_THREADS", threads)
+        monkeypatch.setattr(writer, "_THREAD_MIN_BYTES", min_bytes)
+        seen.clear()
+        out = tmp_path / f"threads-{threads}"
+        m = write_shards(ann, images, str(out), shard_size=2, on_error="skip", progress=False)
+        shards = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.tar")}
+        results[threads] = (m.digest, m.source_digest, [q.reason for q in m.quarantine], shards)
+        assert len(seen) == 7 and any(n.startswith("shard-check") for n in seen) == (threads == 2), seen
+    assert results[1] == results[2]
+    assert results[1][2] == ["truncated JPEG (no end-of-image marker)"] and len(results[1][3]) >= 6
+    assert verify_shards(str(tmp_path / "threads-2")).ok
 
 
 def test_bench_smoke():

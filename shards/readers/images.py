@@ -133,12 +133,64 @@ def _check_png(data: bytes) -> tuple[int, int] | str:
     return "truncated PNG (no IEND chunk)"
 
 
+_TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TIFF_DEFAULTS = {258: (1,), 259: (1,), 266: (1,), 277: (1,), 278: (2**32 - 1,), 284: (1,), 339: (1,)}
+_TIFF_PLAIN = {(1, 1), (2, 3)}  # (photometric, samples per pixel): 8-bit grey (min-is-black) and RGB
+
+
+def _check_tiff(data: bytes) -> tuple[int, int] | str | None:
+    """Walk an uncompressed little-endian TIFF's first IFD and check every strip lies inside the file
+    with exactly its rows' bytes (what catches a file cut inside its pixel data, the way Pillow's
+    full decode would, without decoding). Returns (width, height), a problem, or None to defer to
+    Pillow (compressed, tiled, big-endian, BigTIFF, 16-bit, palette, alpha...: anything unusual)."""
+    n = len(data)
+    if data[:4] != b"II*\x00" or n < 8:
+        return None
+    ifd = int.from_bytes(data[4:8], "little")
+    if ifd < 8 or ifd + 2 > n:
+        return "truncated TIFF (its first IFD starts past the end)"
+    count = int.from_bytes(data[ifd:ifd + 2], "little")
+    if ifd + 2 + 12 * count > n:
+        return "truncated TIFF (its first IFD runs past the end)"
+    tags: dict[int, tuple[int, ...]] = {}
+    for e in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        tag, typ = int.from_bytes(data[e:e + 2], "little"), int.from_bytes(data[e + 2:e + 4], "little")
+        num = int.from_bytes(data[e + 4:e + 8], "little")
+        width = _TIFF_TYPE_SIZE.get(typ)
+        if width is None:
+            return None
+        at = e + 8 if num * width <= 4 else int.from_bytes(data[e + 8:e + 12], "little")
+        if at + num * width > n:
+            return f"truncated TIFF (the values of tag {tag} run past the end)"
+        if typ in (3, 4):  # SHORT, LONG: every tag the check reads
+            tags[tag] = tuple(int.from_bytes(data[i:i + width], "little") for i in range(at, at + num * width, width))
+    get = {**_TIFF_DEFAULTS, **tags}.get
+    if 322 in tags or 338 in tags or any(get(t) != (1,) for t in (259, 266, 284, 339)):
+        return None  # tiled, extra samples, compressed, reversed bit order, planar or non-integer samples
+    spp, photometric = get(277)[0], get(262, (None,))[0]
+    if (photometric, spp) not in _TIFF_PLAIN or get(258) != (8,) * spp:
+        return None
+    w, h = get(256, (0,))[0], get(257, (0,))[0]
+    offsets, counts = get(273, ()), get(279, ())
+    rows = min(get(278)[0], h) if h else 0
+    if not (w and h and rows) or len(offsets) != len(counts) or len(offsets) != -(-h // rows):
+        return None
+    for i, (offset, size) in enumerate(zip(offsets, counts)):
+        if size != min(rows, h - i * rows) * w * spp:
+            return None  # strips of another size: let Pillow judge them
+        if offset + size > n:
+            return f"truncated TIFF (strip {i + 1} of {len(offsets)} runs past the end)"
+    return w, h
+
+
 def inspect_image(path: str, want_ahash: bool = False, full_decode: bool = False, keep_data: bool = False) -> ImageInfo:
     """Read and check one image: exists, non-empty, a JPEG/PNG/TIFF that is not truncated.
 
     JPEG: marker segments up to the first scan and the end-of-image marker; PNG: every chunk's CRC
-    through IEND (both parsed here, as Pillow's header parser / verify() would, at a fraction of
-    the cost); TIFF and anything unusual: opened and fully decoded by Pillow. ``full_decode`` (and
+    through IEND; plain TIFF (uncompressed 8-bit grey or RGB strips, as UCM, RSITMD and Sydney
+    store them): the first IFD and every strip's extent (all parsed here, as Pillow's header parser /
+    verify() / decoder would, at a fraction of the cost); any other TIFF and anything unusual:
+    opened and fully decoded by Pillow. ``full_decode`` (and
     ``want_ahash``) decode every pixel of every image as well, after the same structural checks (so
     a PNG without IEND is refused in every mode). ``keep_data`` returns the bytes in
     ``ImageInfo.data`` (the writer then need not read the file again)."""
@@ -165,6 +217,8 @@ def _inspect(path: str, want_ahash: bool, full_decode: bool) -> ImageInfo:
         fast, ext = _check_jpeg(data), "jpg"
     elif data[:8] == _PNG_SIG:
         fast, ext = _check_png(data), "png"
+    elif data[:4] == b"II*\x00":
+        fast, ext = _check_tiff(data), "tif"
     if isinstance(fast, str):
         return ImageInfo(False, fast, len(data), digest)
     if fast is not None and not (full_decode or want_ahash):
