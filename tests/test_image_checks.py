@@ -17,9 +17,10 @@ from PIL import Image
 from shards.readers.images import _check_tiff, inspect_image
 
 
-def _plain_tiff(pixels: np.ndarray, rows_per_strip: int, reverse_strips: bool = False) -> bytes:
+def _plain_tiff(pixels: np.ndarray, rows_per_strip: int, reverse_strips: bool = False, junk_tag: bool = False) -> bytes:
     """A little-endian uncompressed TIFF written by hand: IFD first, then its strips (optionally in
-    reverse file order), so strip layouts Pillow itself never writes are covered."""
+    reverse file order), so strip layouts Pillow itself never writes are covered. ``junk_tag`` adds a
+    Copyright tag whose 1000 characters would lie far past the end of the file."""
     h, w = pixels.shape[:2]
     spp = 1 if pixels.ndim == 2 else pixels.shape[2]
     strips = [pixels[r:r + rows_per_strip].tobytes() for r in range(0, h, rows_per_strip)]
@@ -27,6 +28,8 @@ def _plain_tiff(pixels: np.ndarray, rows_per_strip: int, reverse_strips: bool = 
     entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, spp, None), (259, 3, 1, 1),
                (262, 3, 1, 2 if spp == 3 else 1), (273, 4, n, None), (277, 3, 1, spp),
                (278, 4, 1, rows_per_strip), (279, 4, n, None), (284, 3, 1, 1)]
+    if junk_tag:
+        entries.append((33432, 2, 1000, 10**6))
     ifd_size = 2 + 12 * len(entries) + 4
     extra_at = 8 + ifd_size
     bps = struct.pack(f"<{spp}H", *[8] * spp)
@@ -103,8 +106,9 @@ def test_plain_tiff_passes_with_pillows_size_and_every_cut_is_named(name):
     assert passed == 0  # the hand-built and Pillow's layouts both end with pixel data
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
-@pytest.mark.parametrize("kind", ["lzw", "rgba", "palette", "16-bit", "big-endian", "tiled-tag", "bad-strip-size"])
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data", "ignore:Tag data larger than file")
+@pytest.mark.parametrize("kind", ["lzw", "rgba", "palette", "16-bit", "big-endian", "tiled-tag", "bad-strip-size",
+                                  "junk-tag"])
 def test_other_tiffs_are_left_to_pillow(kind):
     if kind == "lzw":
         data = _pillow_tiff("RGB", compression="tiff_lzw")
@@ -119,6 +123,8 @@ def test_other_tiffs_are_left_to_pillow(kind):
     elif kind == "tiled-tag":  # tag 279 renumbered 322 (TileWidth): no longer a plain strip layout
         data = _plain_tiff(_noise(8, 8, 3), rows_per_strip=4)
         data = data.replace(struct.pack("<HH", 279, 4), struct.pack("<HH", 322, 4))
+    elif kind == "junk-tag":  # a tag the check does not read points past the end: Pillow's call, not "truncated"
+        data = _plain_tiff(_noise(8, 8, 3), rows_per_strip=4, junk_tag=True)
     else:  # one strip's byte count off by one: the check does not judge, Pillow does
         data = bytearray(_plain_tiff(_noise(8, 8, 3), rows_per_strip=8))
         at = data.index(struct.pack("<HHI", 279, 4, 1)) + 8

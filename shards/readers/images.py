@@ -135,6 +135,7 @@ def _check_png(data: bytes) -> tuple[int, int] | str:
 
 _TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
 _TIFF_DEFAULTS = {258: (1,), 259: (1,), 266: (1,), 277: (1,), 278: (2**32 - 1,), 284: (1,), 339: (1,)}
+_TIFF_READ = {256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 322, 338, 339}  # tags the check reads
 _TIFF_PLAIN = {(1, 1), (2, 3)}  # (photometric, samples per pixel): 8-bit grey (min-is-black) and RGB
 
 
@@ -160,8 +161,8 @@ def _check_tiff(data: bytes) -> tuple[int, int] | str | None:
         if width is None:
             return None
         at = e + 8 if num * width <= 4 else int.from_bytes(data[e + 8:e + 12], "little")
-        if at + num * width > n:
-            return f"truncated TIFF (the values of tag {tag} run past the end)"
+        if at + num * width > n:  # a tag the check does not read may be junk Pillow skips: let it judge
+            return f"truncated TIFF (the values of tag {tag} run past the end)" if tag in _TIFF_READ else None
         if typ in (3, 4):  # SHORT, LONG: every tag the check reads
             tags[tag] = tuple(int.from_bytes(data[i:i + width], "little") for i in range(at, at + num * width, width))
     get = {**_TIFF_DEFAULTS, **tags}.get
