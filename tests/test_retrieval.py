@@ -51,6 +51,30 @@ def _checkpoint(directory: Path, seed: int, overrides=()) -> Path:
     return directory
 
 
+def test_remote_checkpoint_is_checked_against_its_manifest(tmp_path, s3_endpoint):
+    """An s3:// checkpoint directory is fetched with its manifest: a byte flipped in a tensor (same size) is
+    refused naming the remote directory, as it is for a local one, instead of loading silently."""
+    import s3fs
+
+    from msa.checkpoint import CorruptCheckpointError
+
+    local = _checkpoint(tmp_path / "ckpt", seed=0)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    for f in local.iterdir():
+        fs.put_file(str(f), f"msa-shards/runs/ckpt/{f.name}")
+    opts, uri = {"endpoint_url": s3_endpoint}, "s3://msa-shards/runs/ckpt"
+    assert R.resolve_model(uri, device="cpu", storage_options=opts).checkpoint_epoch == 0
+    data = bytearray((local / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 1
+    fs.pipe_file("msa-shards/runs/ckpt/checkpoint.pt", bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=rf"^{uri}: checkpoint.pt does not match its recorded sha256"):
+        R.resolve_model(uri, device="cpu", storage_options=opts)
+    fs.put_file(str(local / "checkpoint.pt"), "msa-shards/runs/ckpt/checkpoint.pt")
+    fs.rm_file("msa-shards/runs/ckpt/history.json")  # a file the manifest lists, gone: named, not skipped
+    with pytest.raises(CorruptCheckpointError, match=rf"^{uri}: history.json is missing"):
+        R.resolve_model(uri, device="cpu", storage_options=opts)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 16-image synthetic test split, a random small model, and its index (built once)."""

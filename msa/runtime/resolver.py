@@ -7,6 +7,8 @@ checkpoint, tokenizer from the model's own files, the version pinned when it cam
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -18,15 +20,22 @@ from typing import Any
 
 import torch
 
-from msa.checkpoint import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
+from msa.checkpoint import (
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    CorruptCheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from msa.config import MSAConfig
 from msa.data import ImageTransform
 from msa.encoders import build_tokenizer, tokenize
 from msa.model import MSAModel
 from msa.runtime.weights import materialize_weights
-from shards.storage import is_remote, open_url
+from shards.storage import Store, is_remote, open_url
 
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a file of the checkpoint directory, never a path
 
 
 @dataclass
@@ -117,7 +126,10 @@ def resolve_model(
             tokenizer = build_tokenizer(str(tokenizer_dir))
     elif is_remote(source):
         with tempfile.TemporaryDirectory(prefix="msa-model-") as tmp:
-            state = load_checkpoint(_fetch_checkpoint(source, Path(tmp), storage_options), map_location="cpu")
+            try:
+                state = load_checkpoint(_fetch_checkpoint(source, Path(tmp), storage_options), map_location="cpu")
+            except CorruptCheckpointError as exc:  # name the remote directory, not the temporary copy
+                raise CorruptCheckpointError(source, exc.problem) from None
         model, cfg, local_cfg = _rebuild(state, storage_options)
         tokenizer = build_tokenizer(local_cfg)
         resolved = source
@@ -166,9 +178,20 @@ def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
 
 
 def _fetch_checkpoint(checkpoint_uri: str, into: Path, storage_options: dict | None) -> Path:
-    """Local copy of a remote checkpoint directory's checkpoint file."""
-    with open_url(f"{checkpoint_uri.rstrip('/')}/{CHECKPOINT_FILE}", "rb", storage_options) as src:
-        with open(into / CHECKPOINT_FILE, "wb") as dst:
+    """Local copy of a remote checkpoint directory: checkpoint.pt and, when it has one, its manifest and
+    every plain file name the manifest lists, so that ``load_checkpoint`` checks their sizes and sha256
+    as it does for a local directory (and reports a listed file that is absent as missing)."""
+    store = Store(checkpoint_uri, storage_options)
+    names = {CHECKPOINT_FILE}
+    manifest = store.read_bytes(MANIFEST_FILE)
+    if manifest is not None:
+        (into / MANIFEST_FILE).write_bytes(manifest)
+        with contextlib.suppress(ValueError, AttributeError, TypeError):  # a garbled manifest: load_checkpoint says so
+            names |= {n for n in json.loads(manifest).get("files", {}) if _PLAIN_NAME.fullmatch(n)}
+    for name in sorted(names):
+        if store.size(name) is None:
+            continue  # load_checkpoint reports it missing, as for a local directory
+        with open_url(store.url(name), "rb", storage_options) as src, open(into / name, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return into
 
