@@ -234,6 +234,14 @@ class Store:
 
     def sha256(self, name: str) -> tuple[str, int] | None:
         """(sha256 hex, size) of ``name`` streamed in chunks, or None when it does not exist."""
+        return self._stream(name, None)
+
+    def download(self, name: str, dest: str | os.PathLike[str]) -> tuple[str, int] | None:
+        """Copy ``name`` to the local file ``dest`` (overwritten) and return its (sha256 hex, size), or
+        None when it does not exist. A transient failure restarts the copy, retried as every remote read."""
+        return self._stream(name, dest)
+
+    def _stream(self, name: str, dest: str | os.PathLike[str] | None) -> tuple[str, int] | None:
         path = self._path(name)
 
         def op() -> tuple[str, int] | None:
@@ -242,10 +250,12 @@ class Store:
             except FileNotFoundError:
                 return None
             h, n = hashlib.sha256(), 0
-            with f:
+            with f, (open(dest, "wb") if dest is not None else contextlib.nullcontext()) as out:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
                     n += len(chunk)
+                    if out is not None:
+                        out.write(chunk)
             return h.hexdigest(), n
 
         return self._io(self.url(name), op)

@@ -73,6 +73,8 @@ def test_remote_checkpoint_is_checked_against_its_manifest(tmp_path, s3_endpoint
     fs.rm_file("msa-shards/runs/ckpt/history.json")  # a file the manifest lists, gone: named, not skipped
     with pytest.raises(CorruptCheckpointError, match=rf"^{uri}: history.json is missing"):
         R.resolve_model(uri, device="cpu", storage_options=opts)
+    with pytest.raises(FileNotFoundError, match=r"^s3://msa-shards/runs/nothing: no MSA checkpoint here"):
+        R.resolve_model("s3://msa-shards/runs/nothing", device="cpu", storage_options=opts)
 
 
 @pytest.fixture(scope="module")

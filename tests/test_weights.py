@@ -169,6 +169,37 @@ def test_s3_bundle_is_copied_once_per_node_and_checked(hub, tmp_path, s3_endpoin
         materialize_weights(orphan, options, cache_dir=fresh)
 
 
+def test_s3_weights_download_is_retried_through_an_outage(hub, tmp_path, s3_endpoint, monkeypatch, caplog) -> None:
+    """The endpoint goes down for 6 s as a fresh node starts downloading the bundle's files: the download is
+    retried (shards.storage, after botocore's own attempts) and the node ends with checked copies."""
+    import logging
+    from urllib.parse import urlsplit
+
+    from s3proxy import FlakyProxy
+
+    from shards.storage import Store
+
+    uri = f"s3://{BUCKET}/weights/small"
+    bundle = fetch("small", uri, {"endpoint_url": s3_endpoint}, SETS, hub_cache=hub["cache"], from_cache=True)
+    cfg = resolve_config("small", SETS + bundle.override_args())
+    target = urlsplit(s3_endpoint)
+    with FlakyProxy(target.hostname, target.port) as proxy:
+        download, outages = Store.download, []
+
+        def down_at_first_download(self, name, dest):
+            if not outages:
+                outages.append(proxy.outage(6.0))
+            return download(self, name, dest)
+
+        monkeypatch.setattr(Store, "download", down_at_first_download)
+        with caplog.at_level(logging.WARNING, logger="shards"):
+            local = materialize_weights(cfg, {"endpoint_url": proxy.endpoint_url}, cache_dir=tmp_path / "node")
+        assert proxy.refused > 0
+    assert "retrying in" in caplog.text
+    assert _sha256(Path(local.image.weights)) == bundle.files["image.safetensors"]["sha256"]
+    _assert_cached_weights(local, hub)
+
+
 def test_nothing_to_fetch_and_clip_files(hub, tmp_path, run_cli) -> None:
     dest = tmp_path / "bundle"
     with pytest.raises(NothingToFetchError, match="preset 'small': nothing to fetch"):

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from msa.data import ImageTransform
 from msa.encoders import build_tokenizer, tokenize
 from msa.model import MSAModel
 from msa.runtime.weights import materialize_weights
-from shards.storage import Store, is_remote, open_url
+from shards.storage import Store, is_remote
 
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a file of the checkpoint directory, never a path
@@ -130,6 +129,8 @@ def resolve_model(
                 state = load_checkpoint(_fetch_checkpoint(source, Path(tmp), storage_options), map_location="cpu")
             except CorruptCheckpointError as exc:  # name the remote directory, not the temporary copy
                 raise CorruptCheckpointError(source, exc.problem) from None
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{source}: no MSA checkpoint here (no {CHECKPOINT_FILE})") from None
         model, cfg, local_cfg = _rebuild(state, storage_options)
         tokenizer = build_tokenizer(local_cfg)
         resolved = source
@@ -180,7 +181,7 @@ def _parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
 def _fetch_checkpoint(checkpoint_uri: str, into: Path, storage_options: dict | None) -> Path:
     """Local copy of a remote checkpoint directory: checkpoint.pt and, when it has one, its manifest and
     every plain file name the manifest lists, so that ``load_checkpoint`` checks their sizes and sha256
-    as it does for a local directory (and reports a listed file that is absent as missing)."""
+    as it does for a local directory."""
     store = Store(checkpoint_uri, storage_options)
     names = {CHECKPOINT_FILE}
     manifest = store.read_bytes(MANIFEST_FILE)
@@ -189,10 +190,7 @@ def _fetch_checkpoint(checkpoint_uri: str, into: Path, storage_options: dict | N
         with contextlib.suppress(ValueError, AttributeError, TypeError):  # a garbled manifest: load_checkpoint says so
             names |= {n for n in json.loads(manifest).get("files", {}) if _PLAIN_NAME.fullmatch(n)}
     for name in sorted(names):
-        if store.size(name) is None:
-            continue  # load_checkpoint reports it missing, as for a local directory
-        with open_url(store.url(name), "rb", storage_options) as src, open(into / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        store.download(name, into / name)  # retried while the endpoint fails; an absent file is reported missing
     return into
 
 

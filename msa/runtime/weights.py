@@ -37,7 +37,7 @@ from typing import Any
 from msa.config import MSAConfig, parse_overrides, resolve_config
 from msa.paths import LOCAL_STATE
 from msa.pretrained import WeightsUnavailableError
-from shards.storage import Store, is_remote, open_url, storage_errors
+from shards.storage import Store, is_remote
 
 __all__ = ["MANIFEST", "WEIGHT_FIELDS", "NothingToFetchError", "WeightsBundle", "fetch", "materialize_weights"]
 
@@ -274,18 +274,19 @@ def _manifest_entries(uri: str, storage_options: dict | None) -> tuple[Store, st
     return store, name, entries
 
 
-def _copy_checked(url: str, into: Path, expected: dict[str, Any], storage_options: dict | None) -> None:
-    """Download ``url`` to ``into``, refusing it unless its size and sha256 are weights.json's."""
-    digest, size = hashlib.sha256(), 0
+def _copy_checked(store: Store, rel: str, into: Path, expected: dict[str, Any]) -> None:
+    """Download ``rel`` of the bundle to ``into`` (retried while the endpoint fails, shards.storage), refusing
+    it unless its size and sha256 are weights.json's."""
+    url = store.url(rel)
     into.parent.mkdir(parents=True, exist_ok=True)
-    with storage_errors(url), open_url(url, "rb", storage_options) as src, open(into, "wb") as dst:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            dst.write(chunk)
-    if (digest.hexdigest(), size) != (expected["sha256"], expected["size"]):
+    got = store.download(rel, into)
+    if got is None:
+        raise WeightsUnavailableError(f"{url}: listed in {MANIFEST} but absent; fetch the weights again "
+                                      "(msa weights fetch)")
+    digest, size = got
+    if (digest, size) != (expected["sha256"], expected["size"]):
         raise WeightsUnavailableError(
-            f"{url}: sha256 {digest.hexdigest()[:16]}... and {size} bytes, but {MANIFEST} lists "
+            f"{url}: sha256 {digest[:16]}... and {size} bytes, but {MANIFEST} lists "
             f"{expected['sha256'][:16]}... and {expected['size']} bytes: the file is corrupt or was replaced "
             f"without its manifest; fetch the weights again (msa weights fetch)"
         )
@@ -315,7 +316,7 @@ def _local_copy(uri: str, storage_options: dict | None, cache: Path) -> str:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp.", dir=cache))
                 try:
                     for rel, expected in sorted(entries.items()):
-                        _copy_checked(store.url(rel), tmp / rel, expected, storage_options)
+                        _copy_checked(store, rel, tmp / rel, expected)
                     os.rename(tmp, final)  # complete folders only ever appear under their final name
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
