@@ -25,8 +25,10 @@ carry fixed mtime/uid/gid/uname/mode.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -260,6 +262,21 @@ def _write(store: Store, todo: list[ShardPlan], executor: Executor | None, *, ke
         bar.close()
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic GC off while the writer runs: its per-sample objects hold no cycles, and every
+    full collection rescans all the objects alive (the annotation document, the samples, their infos):
+    about half the time of reading 50,000 Karpathy records. The previous state comes back on exit."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def write_shards(
     annotations: str | Path,
     images_dir: str | Path,

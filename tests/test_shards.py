@@ -699,6 +699,29 @@ def test_threaded_check_and_hashing_write_the_same_bytes(tmp_path, monkeypatch):
     assert verify_shards(str(tmp_path / "threads-2")).ok
 
 
+def test_gc_is_paused_while_writing_and_restored_after(tmp_path, monkeypatch):
+    import gc
+
+    import shards.writer as writer
+
+    ann, images, _ = _good_corpus(tmp_path)
+    seen = []
+    read = writer.read_annotations
+    monkeypatch.setattr(writer, "read_annotations", lambda *a: seen.append(gc.isenabled()) or read(*a))
+    assert gc.isenabled()
+    write_shards(ann, images, str(tmp_path / "a"), progress=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(InputError):
+        write_shards(ann, tmp_path / "nowhere", str(tmp_path / "b"), progress=False)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        write_shards(ann, images, str(tmp_path / "c"), progress=False)
+        assert not gc.isenabled()  # a caller's choice is left as it was
+    finally:
+        gc.enable()
+
+
 def test_bench_smoke():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shards.py"), "--small", "--json"],
                        capture_output=True, text=True, timeout=300)
