@@ -93,3 +93,41 @@ def test_endpoint_from_environment_and_storage_errors(tmp_path, s3_endpoint, mon
         write_shards(ann, images, "s3://no-such-bucket/x", progress=False)
     assert cli.main(["shard", str(ann), "--images", str(images), "--out", "s3://no-such-bucket/x",
                      "--no-progress"]) == 3
+
+
+def test_download_restarts_after_a_connection_reset_mid_file(tmp_path, s3_endpoint, monkeypatch):
+    """Store.download: a connection reset after part of the object was copied restarts the copy from the first
+    byte (the file is rewritten, not appended to), as the warning says, and returns the whole file's digest."""
+    import hashlib
+
+    from shards import storage
+    from shards.storage import Store
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * (1 << 20) + 5, dtype=np.uint8).tobytes()
+    store = Store(f"s3://{BUCKET}/blobs", {"endpoint_url": s3_endpoint})
+    store.write_bytes("blob.bin", data)
+    real_open, opened = store.fs.open, []
+
+    def open_and_reset_once(path, mode="rb", **kw):
+        f = real_open(path, mode, **kw)
+        opened.append(path)
+        if len(opened) > 1:
+            return f
+        read = f.read
+
+        def read_then_reset(n=-1):
+            if f.tell() >= (1 << 20):
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return read(n)
+
+        f.read = read_then_reset
+        return f
+
+    monkeypatch.setattr(store.fs, "open", open_and_reset_once)
+    warnings: list[str] = []
+    monkeypatch.setattr(storage.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    dest = tmp_path / "blob.bin"
+    assert store.download("blob.bin", dest) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert dest.read_bytes() == data and len(opened) == 2
+    assert len(warnings) == 1 and "blob.bin" in warnings[0] and "retrying in" in warnings[0], warnings
+    assert store.download("absent.bin", tmp_path / "absent.bin") is None and not (tmp_path / "absent.bin").exists()

@@ -169,10 +169,10 @@ def test_s3_bundle_is_copied_once_per_node_and_checked(hub, tmp_path, s3_endpoin
         materialize_weights(orphan, options, cache_dir=fresh)
 
 
-def test_s3_weights_download_is_retried_through_an_outage(hub, tmp_path, s3_endpoint, monkeypatch, caplog) -> None:
-    """The endpoint goes down for 6 s as a fresh node starts downloading the bundle's files: the download is
-    retried (shards.storage, after botocore's own attempts) and the node ends with checked copies."""
-    import logging
+def test_s3_weights_download_is_retried_through_an_outage(hub, tmp_path, s3_endpoint, monkeypatch) -> None:
+    """The endpoint goes down for 6 s as a fresh node starts downloading the bundle's files: the node still ends
+    with checked copies (botocore's retries, then Store.download's: which of them bridges the gap depends on
+    timing; the restart itself is tested in tests/test_shards_s3.py)."""
     from urllib.parse import urlsplit
 
     from s3proxy import FlakyProxy
@@ -192,10 +192,8 @@ def test_s3_weights_download_is_retried_through_an_outage(hub, tmp_path, s3_endp
             return download(self, name, dest)
 
         monkeypatch.setattr(Store, "download", down_at_first_download)
-        with caplog.at_level(logging.WARNING, logger="shards"):
-            local = materialize_weights(cfg, {"endpoint_url": proxy.endpoint_url}, cache_dir=tmp_path / "node")
+        local = materialize_weights(cfg, {"endpoint_url": proxy.endpoint_url}, cache_dir=tmp_path / "node")
         assert proxy.refused > 0
-    assert "retrying in" in caplog.text
     assert _sha256(Path(local.image.weights)) == bundle.files["image.safetensors"]["sha256"]
     _assert_cached_weights(local, hub)
 
