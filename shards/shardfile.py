@@ -110,9 +110,9 @@ class _ShardWriter:
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for ext in sorted(members):
             data = members[ext]
-            pad = _ZEROS[: -len(data) % 512]
-            self._parts += (tar_header(f"{key}.{ext}", len(data)), data, pad)
-            self._pending += 512 + len(data) + len(pad)
+            header, pad = tar_header(f"{key}.{ext}", len(data)), _ZEROS[: -len(data) % 512]
+            self._parts += (header, data, pad)
+            self._pending += len(header) + len(data) + len(pad)  # a name over 100 bytes takes GNU longname blocks
         self.samples += 1
         if self._pending >= _FLUSH_BYTES:
             self._flush()

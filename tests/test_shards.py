@@ -667,6 +667,26 @@ def test_fast_tar_header_matches_tarfile():
         assert tar_header(name, size) == _tarinfo(name, size).tobuf(tarfile.GNU_FORMAT, "utf-8", "strict")
 
 
+def test_member_names_over_100_bytes_are_counted_and_verified(tmp_path):
+    """A key past tar's 100-byte name field gets GNU longname blocks: the shard's size, padding and digest
+    in the manifest are those of the file, which verifies and reads back with every member."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [("x" * 110) + f"{i}.jpg" for i in range(3)]
+    for i, name in enumerate(names):
+        (images / name).write_bytes(_image_bytes(i))
+    ann = tmp_path / "dataset_synth.json"
+    ann.write_text(json.dumps({"images": [_record(i, n) for i, n in enumerate(names)], "dataset": "synth"}))
+    m = write_shards(ann, images, str(tmp_path / "out"), progress=False)
+    (shard,) = m.shards()
+    path = tmp_path / "out" / shard.name
+    assert shard.bytes == path.stat().st_size and shard.bytes % tarfile.RECORDSIZE == 0
+    assert verify_shards(str(tmp_path / "out")).ok
+    with tarfile.open(path) as tf:
+        assert sorted(n.rsplit(".", 1)[1] for n in tf.getnames()) == ["jpg"] * 3 + ["json"] * 3
+        assert all(len(n) > 100 for n in tf.getnames())
+
+
 def test_threaded_check_and_hashing_write_the_same_bytes(tmp_path, monkeypatch):
     """Large images are checked in threads (and every shard is hashed in a thread): the shards, their
     digests and the reported problem are those of the one-thread path."""
