@@ -10,7 +10,7 @@ always a leaf). Every non-empty leaf is a shard, its samples in h order. Hence:
   Adding or changing a sample rewrites the leaf that receives it (split when it overflows);
   removing one rewrites its leaf, merged with its sibling leaf when their parent fits again (under
   a byte limit, with the leaves of the lowest ancestor that fits again). No other shard changes
-  name or bytes, so the writer keeps it (:func:`content_key` tells).
+  name or bytes, so the writer keeps it (:func:`shards.shardfile.content_key` tells).
 * Sizes: a shard holds at most ``shard_size`` samples (and ``shard_bytes`` bytes unless it is a
   single sample). A leaf splits only when it is over the limit, so its halves hold about half the
   limit each, up to binomial noise (for 1000 samples: 1 sd = 16 samples): shards hold between about
@@ -28,9 +28,9 @@ import hashlib
 import itertools
 from collections.abc import Sequence
 
-from .shardfile import END_BYTES, Member
+from .shardfile import END_BYTES
 
-__all__ = ["order_hash", "leaf_label", "cut", "content_key"]
+__all__ = ["order_hash", "leaf_label", "cut"]
 
 HASH_BITS = 160
 NAME_BITS = 19  # 2^19 - 1 = 524287: six decimal digits
@@ -69,13 +69,3 @@ def cut(hashes: Sequence[int], sizes: Sequence[int], shard_size: int, shard_byte
 
     visit(0, 0, 0, len(hashes))
     return leaves
-
-
-def content_key(members: Sequence[Member], salt: str) -> str:
-    """What a shard's bytes depend on: its members' keys, image sha256s and json members, in order,
-    and ``salt`` (layout version and re-encoding options). Equal keys mean byte-identical shards."""
-    h = hashlib.sha256(salt.encode())
-    for m in members:
-        h.update(f"\n{m.key}\0{m.ext}\0{m.sha256}\0{len(m.meta)}\0".encode("utf-8", "surrogateescape"))
-        h.update(m.meta)
-    return h.hexdigest()

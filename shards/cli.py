@@ -45,7 +45,8 @@ Two forms:
       shards that hold them are rewritten and the others are kept (the report says how many);
       rerunning with the same input and options writes nothing. An interrupted run never leaves a
       manifest that covers missing or partial shards. --workers N or --ray [ADDRESS] spread the
-      work over processes or a Ray cluster, with the same output.
+      work over processes or a Ray cluster, with the same output; there a first write (no
+      manifest at URI) checks and writes each shard's images in one pass, reading each once.
 
   msa shard verify URI [--endpoint-url URL]
       Re-hash every shard listed in URI/manifest.json; report missing, corrupt and extra shards.

@@ -55,7 +55,7 @@ class ShardInfo(BaseModel):
     bytes: int
     sha256: str
     samples: int
-    content: str | None = None  # shards.assign.content_key of its members: equal keys, equal bytes
+    content: str | None = None  # shards.shardfile.content_key of its members: equal keys, equal bytes
 
 
 class SplitInfo(BaseModel):

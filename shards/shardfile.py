@@ -4,7 +4,9 @@ written and published atomically.
 A :class:`ShardPlan` names a shard and its members (paths and metadata, never image bytes);
 :func:`write_plans` turns plans into files. It is the whole write phase in-process, and
 :func:`write_batch` is the same in a worker process or a Ray task, so this module imports nothing
-heavy. The same plan gives the same bytes wherever it is written.
+heavy. :func:`check_and_write` is a worker's one pass over draft plans (check each image, write the
+good ones: a first write through a pool or Ray reads and hashes every image once). The same plan
+gives the same bytes wherever it is written, and :func:`content_key` says which bytes those are.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import contextlib
 import functools
 import hashlib
 import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .manifest import ShardInfo
-from .readers import InputError, encode_image, read_file
+from .readers import ImageInfo, InputError, encode_image, inspect_image, read_file
 from .storage import AtomicFile, Store
 
-__all__ = ["TAR_MTIME", "END_BYTES", "Member", "ShardPlan", "tar_member_bytes", "write_plans", "write_batch"]
+__all__ = ["TAR_MTIME", "END_BYTES", "Member", "ShardPlan", "tar_member_bytes", "content_key", "write_plans",
+           "write_batch", "check_and_write"]
 
 TAR_MTIME = 1577836800  # 2020-01-01T00:00:00Z, fixed for every member
 END_BYTES = 1024  # the two zero blocks that end an archive
@@ -82,12 +85,22 @@ class Member:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """A shard to write: its name, its content key (:func:`shards.assign.content_key`) and its
-    members in canonical order."""
+    """A shard to write: its name, its content key (:func:`content_key`) and its members in
+    canonical order."""
 
     name: str
     content: str
     members: tuple[Member, ...]
+
+
+def content_key(members: Sequence[Member], salt: str) -> str:
+    """What a shard's bytes depend on: its members' keys, image sha256s and json members, in order,
+    and ``salt`` (layout version and re-encoding options). Equal keys mean byte-identical shards."""
+    h = hashlib.sha256(salt.encode())
+    for m in members:
+        h.update(f"\n{m.key}\0{m.ext}\0{m.sha256}\0{len(m.meta)}\0".encode("utf-8", "surrogateescape"))
+        h.update(m.meta)
+    return h.hexdigest()
 
 
 class _ShardWriter:
@@ -229,3 +242,67 @@ def write_plans(store: Store, plans: Iterable[ShardPlan], load: Callable[[Member
 def write_batch(uri: str, storage_options: dict | None, resize: int | None, plans: list[ShardPlan]) -> list[ShardInfo]:
     """A worker's task (process pool or Ray): write whole shards, reading each image itself."""
     return write_plans(Store(uri, storage_options), plans, functools.partial(read_member, resize=resize))
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How :func:`check_and_write` checks images (see :func:`shards.readers.inspect_image`);
+    ``stop_on_problem``: write nothing more in the task once an image fails (``on_error="fail"``)."""
+
+    want_ahash: bool
+    full_decode: bool
+    stop_on_problem: bool
+    resize: int | None
+    salt: str  # content_key's salt
+
+
+def check_and_write(uri: str, storage_options: dict | None, opts: CheckOptions,
+                    drafts: list[ShardPlan]) -> list[tuple[tuple[ImageInfo, ...], ShardInfo | None]]:
+    """A worker's task for a first write: check each draft's images and write the good ones as the
+    draft's shard, in one pass (each image read and hashed once). A draft's members carry the file
+    sizes the driver planned with and no format or digest; the shard gets the content key of what
+    was written, so the driver keeps it only if its final plan (from every image's check) is the
+    same. Returns per draft the members' image infos (without their bytes) and the shard written
+    (None: every image failed, or an earlier one did with ``stop_on_problem``)."""
+    store = Store(uri, storage_options)
+    committer = _Committer()
+    hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+    results: list[tuple[tuple[ImageInfo, ...], ShardInfo | None]] = []
+    current: _ShardWriter | None = None
+    failed = False
+    try:
+        for draft in drafts:
+            infos: list[ImageInfo] = []
+            written: list[Member] = []
+            current = None if failed else _ShardWriter(store, draft.name, hasher)
+            for m in draft.members:
+                info = inspect_image(m.path, opts.want_ahash, opts.full_decode, keep_data=not opts.resize)
+                infos.append(info.without_data() if info.data is not None else info)
+                if not info.ok:
+                    if opts.stop_on_problem and current is not None:
+                        current.discard()
+                        current, failed = None, True
+                    continue
+                if current is None:
+                    continue
+                member = Member(m.key, m.path, info.ext, info.size, info.sha256, m.meta)
+                ext, data = (info.ext, info.data) if info.data is not None else read_member(member, opts.resize)
+                current.add(m.key, {ext: data, "json": m.meta})
+                written.append(member)
+            shard = None
+            if current is not None and written:
+                shard, af = current.finish(content_key(written, opts.salt))
+                committer.submit(af)
+            elif current is not None:
+                current.discard()
+            current = None
+            results.append((tuple(infos), shard))
+        committer.wait()
+    except BaseException:
+        if current is not None:
+            current.discard()
+        committer.abandon()
+        raise
+    finally:
+        hasher.shutdown(wait=True)
+    return results

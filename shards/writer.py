@@ -5,11 +5,16 @@
 1. Check: read the annotations and check every image, in-process, in a process pool
    (``workers > 1``) or as Ray tasks (``ray_address``). With ``on_error="fail"`` any problem raises
    :class:`~shards.readers.InputError` here, before anything is written; with ``"skip"`` the bad
-   samples go to the manifest's quarantine list.
-2. Plan: each sample's shard follows from its key (:mod:`shards.assign`) and each shard gets a
-   content key. If the output already holds a complete set with the same source digest and
-   options, nothing is written (``Manifest.reused`` is True). Otherwise a shard of the previous
-   set with the same name and content key, still present with its size, is kept as it is
+   samples go to the manifest's quarantine list. A first write (no manifest in the output) through a
+   pool or Ray checks and writes in one pass instead, so each image is read and hashed once: the
+   shards are drafted from the files' sizes, each task checks its drafts' images and writes the good
+   ones, and phase 3 keeps a drafted shard only where the final plan is the same (its content key
+   tells) and writes the rest. With ``on_error="fail"`` a problem removes every drafted shard
+   before the error is raised, so nothing is left behind either.
+2. Plan (:mod:`shards.plan`): each sample's shard follows from its key (:mod:`shards.assign`) and
+   each shard gets a content key. If the output already holds a complete set with the same source
+   digest and options, nothing is written (``Manifest.reused`` is True). Otherwise a shard of the
+   previous set with the same name and content key, still present with its size, is kept as it is
    (``Manifest.reused_shards``).
 3. Write: delete the old manifest first, write every other shard atomically
    (:mod:`shards.shardfile`; in-process, in the pool or as Ray tasks, each writing whole shards),
@@ -26,18 +31,17 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import dataclasses
 import functools
 import gc
 import hashlib
 import itertools
 import json
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from .assign import content_key, cut, order_hash
 from .distributed import Executor, process_pool, progress_bar, ray_executor
 from .manifest import (
     MANIFEST_NAME,
@@ -51,10 +55,19 @@ from .manifest import (
     SplitInfo,
     _load,
     dataset_digest,
-    shard_name,
 )
+from .plan import content_salt, final_plan, plan_shards, unchanged_shards
 from .readers import ImageInfo, InputError, Listing, Problem, Sample, inspect_image, read_annotations
-from .shardfile import TAR_MTIME, Member, ShardPlan, read_member, write_batch, write_plans
+from .shardfile import (
+    TAR_MTIME,
+    CheckOptions,
+    Member,
+    ShardPlan,
+    check_and_write,
+    read_member,
+    write_batch,
+    write_plans,
+)
 from .storage import TMP_RE, StorageError, Store, TransientStorageError, resolve_storage_options
 
 __all__ = ["write_shards", "DEFAULT_SHARD_BYTES", "TAR_MTIME"]
@@ -68,15 +81,7 @@ _CHECK_BATCH = 256  # images per check task (threads, pool, Ray)
 _CHECK_THREADS = 2  # in-process check threads for large images (bench/bench_shards.py --like rsitmd)
 _THREAD_MIN_BYTES = 64 << 10  # mean image size from which they pay off
 _WRITE_BATCH = 512  # samples per write task: whole shards, at least one
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _sample_json(s: Sample) -> bytes:
-    doc = {"captions": list(s.captions), "image_id": s.image_id, "filename": s.filename,
-           "split": s.split, "corpus": s.corpus}
-    return _JSON.encode(doc).encode("utf-8")
+_STAT_BATCH = 4096  # files per size task (a first write through a pool or Ray drafts its shards from them)
 
 
 def _report(problems: list[Problem], listing: Listing) -> str:
@@ -182,7 +187,7 @@ def _check(samples: list[Sample], executor: Executor | None, *, check_leaks: boo
                     if info.data is not None:
                         kept += info.size
                         if kept > _KEEP_BYTES:
-                            info = dataclasses.replace(info, data=None)
+                            info = info.without_data()
                     infos.append(info)
                 bar.update(len(part))
             return infos
@@ -190,48 +195,6 @@ def _check(samples: list[Sample], executor: Executor | None, *, check_leaks: boo
             pool.shutdown(cancel_futures=True)  # after an error (Ctrl-C too), do not read the rest
     finally:
         bar.close()
-
-
-def _content_salt(resize: int | None) -> str:
-    salt = f"schema {SCHEMA_VERSION}; mtime {TAR_MTIME}; resize {resize}"
-    if resize:
-        import PIL
-
-        salt += f"; pillow {PIL.__version__}"  # re-encoded bytes depend on the encoder build
-    return salt
-
-
-def _plan(good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_bytes: int,
-          resize: int | None) -> dict[str, list[ShardPlan]]:
-    """Split -> its shards, in name order (:mod:`shards.assign`)."""
-    by_split: dict[str, list[tuple[int, Sample, ImageInfo]]] = defaultdict(list)
-    for s, info in good:
-        by_split[s.split].append((order_hash(s.key), s, info))
-    salt = _content_salt(resize)
-    plans: dict[str, list[ShardPlan]] = {}
-    for split in sorted(by_split):
-        rows = sorted(by_split[split], key=lambda row: row[0])
-        members = [Member(s.key, s.image_path, info.ext, info.size, info.sha256, _sample_json(s))
-                   for _, s, info in rows]
-        leaves = cut([h for h, _, _ in rows], [m.tar_bytes() for m in members], shard_size, shard_bytes)
-        plans[split] = [ShardPlan(shard_name(split, label), content_key(members[lo:hi], salt), tuple(members[lo:hi]))
-                        for label, lo, hi in leaves]
-    return plans
-
-
-def _unchanged(store: Store, old: Manifest | None, plans: dict[str, list[ShardPlan]]) -> dict[str, ShardInfo]:
-    """Shards of the previous set that the plan would write again byte for byte (same name and
-    content key) and that are still there with their size: kept, not rewritten."""
-    if old is None or old.schema_version != SCHEMA_VERSION:
-        return {}
-    previous = {s.name: s for s in old.shards() if s.content}
-    present = store.list_files()
-    kept = {}
-    for plan in itertools.chain.from_iterable(plans.values()):
-        o = previous.get(plan.name)
-        if o is not None and o.content == plan.content and present.get(plan.name) == o.bytes:
-            kept[plan.name] = o
-    return kept
 
 
 def _task_batches(plans: list[ShardPlan]) -> Iterator[list[ShardPlan]]:
@@ -260,6 +223,42 @@ def _write(store: Store, todo: list[ShardPlan], executor: Executor | None, *, ke
         return [info for part in parts for info in part]
     finally:
         bar.close()
+
+
+def _file_sizes(paths: list[str]) -> list[int]:
+    """A task: the files' sizes, 0 where a file cannot be stat'ed (its check then says why)."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.stat(path).st_size)
+        except OSError:
+            sizes.append(0)
+    return sizes
+
+
+def _check_and_write(samples: list[Sample], executor: Executor, store: Store, opts: CheckOptions, *,
+                     shard_size: int, shard_bytes: int, storage_options: dict | None,
+                     progress: bool) -> tuple[dict[str, list[ShardPlan]], dict[str, ImageInfo], dict[str, ShardInfo]]:
+    """A first write through a pool or Ray in one pass: the drafts, every sample's image info by key,
+    and the shards the tasks wrote (drafted from the files' sizes, holding the good images; see the
+    module doc)."""
+    paths = [s.image_path for s in samples]
+    batches = [paths[i:i + _STAT_BATCH] for i in range(0, len(paths), _STAT_BATCH)]
+    with progress_bar(len(paths), "stat", False) as quiet:
+        sizes = [n for part in executor.map(_file_sizes, batches, len, quiet) for n in part]
+    drafts = plan_shards([(s, ImageInfo(True, size=n)) for s, n in zip(samples, sizes)], shard_size=shard_size,
+                         shard_bytes=shard_bytes, salt=None)
+    tasks = list(_task_batches(list(itertools.chain.from_iterable(drafts.values()))))
+    fn = functools.partial(check_and_write, store.uri, resolve_storage_options(store.uri, storage_options), opts)
+    found: dict[str, ImageInfo] = {}
+    drafted: dict[str, ShardInfo] = {}
+    with progress_bar(len(paths), "check+write", progress) as bar:
+        for task, part in zip(tasks, executor.map(fn, tasks, lambda b: sum(len(p.members) for p in b), bar)):
+            for draft, (infos, shard) in zip(task, part):
+                found.update(zip((m.key for m in draft.members), infos))
+                if shard is not None:
+                    drafted[shard.name] = shard
+    return drafts, found, drafted
 
 
 @contextlib.contextmanager
@@ -333,14 +332,37 @@ def write_shards(
 
     listing = read_annotations(annotations, images_dir, corpus)
     samples = listing.samples
+    store = Store(out_uri, storage_options)
+    try:
+        old = _load(store)
+    except TransientStorageError:
+        raise
+    except (FileNotFoundError, StorageError):  # no manifest, or an unreadable one: rewrite
+        old = None
     executor = None
     if ray_address is not None:
         executor = ray_executor(ray_address)
     elif workers > 1 and len(samples) > 1:
         executor = process_pool(min(workers, len(samples)))
+    drafts: dict[str, list[ShardPlan]] = {}  # a one-pass write's: what its tasks were given,
+    found: dict[str, ImageInfo] = {}  # what they saw (by sample key)
+    drafted: dict[str, ShardInfo] = {}  # and the shards they wrote
+    salt = content_salt(resize)
     try:
-        infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode, keep=not resize,
-                       progress=progress)
+        doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
+        if executor is not None and old is None and not doomed:
+            store.makedirs()
+            store.remove(MANIFEST_NAME)  # an unreadable one
+            store.remove(SIZES_NAME)
+            opts = CheckOptions(want_ahash=check_leaks, full_decode=full_decode, stop_on_problem=on_error == "fail",
+                                resize=resize, salt=salt)
+            drafts, found, drafted = _check_and_write(samples, executor, store, opts, shard_size=shard_size,
+                                                      shard_bytes=shard_bytes, storage_options=storage_options,
+                                                      progress=progress)
+            infos = [found[s.key] for s in samples]
+        else:
+            infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode, keep=not resize,
+                           progress=progress)
         problems = list(listing.problems)
         good: list[tuple[Sample, ImageInfo]] = []
         for s, info in zip(samples, infos):
@@ -353,10 +375,15 @@ def write_shards(
             log.warning(w)
         if len(warnings) > 20:
             log.warning("... and %d more warnings (listed in the manifest)", len(warnings) - 20)
+        error = None
         if problems and on_error == "fail":
-            raise InputError(_report(problems, listing), problems)
-        if not good:
-            raise InputError(f"{listing.annotations}: no valid samples to write", problems)
+            error = InputError(_report(problems, listing), problems)
+        elif not good:
+            error = InputError(f"{listing.annotations}: no valid samples to write", problems)
+        if error is not None:
+            for name in drafted:  # a first write leaves no shards behind
+                store.remove(name)
+            raise error
         for p in problems:
             log.warning("quarantined %s", p)
 
@@ -365,25 +392,24 @@ def write_shards(
                    "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
         source_digest = _source_digest(listing, good, problems, options)
 
-        store = Store(out_uri, storage_options)
-        try:
-            old = _load(store)
-        except TransientStorageError:
-            raise
-        except (FileNotFoundError, StorageError):  # no manifest, or an unreadable one: rewrite
-            old = None
         # the source digest covers the schema version, annotations, image bytes and options
         if old is not None and old.source_digest == source_digest and _is_complete(store, old):
             log.info("%s is up to date (digest %s); nothing to write", store.uri, old.short_digest)
             old._reused = True
             return old
 
-        plans = _plan(good, shard_size=shard_size, shard_bytes=shard_bytes, resize=resize)
-        unchanged = _unchanged(store, old, plans)
+        if drafts:
+            plans = final_plan(drafts, found, good, shard_size=shard_size, shard_bytes=shard_bytes, salt=salt)
+        else:
+            plans = plan_shards(good, shard_size=shard_size, shard_bytes=shard_bytes, salt=salt)
+        unchanged = unchanged_shards(store, old, plans)
+        done = {p.name: drafted[p.name] for p in itertools.chain.from_iterable(plans.values())
+                if p.name in drafted and drafted[p.name].content == p.content}
         store.makedirs()
         store.remove(MANIFEST_NAME)  # first: from here on the set is not valid until the new manifest lands
         store.remove(SIZES_NAME)
-        todo = [p for p in itertools.chain.from_iterable(plans.values()) if p.name not in unchanged]
+        skip = unchanged.keys() | done.keys()
+        todo = [p for p in itertools.chain.from_iterable(plans.values()) if p.name not in skip]
         kept = {s.key: info.data for s, info in good if info.data is not None}
         captions = Counter(s.split for s, _ in good for _ in s.captions)
         del infos, good[:]  # the kept bytes now live only in ``kept``, freed as they are written
@@ -393,6 +419,7 @@ def write_shards(
         if executor is not None:
             executor.close()
 
+    written += done.values()
     by_name = {**unchanged, **{info.name: info for info in written}}
     splits = {split: SplitInfo(images=sum(len(p.members) for p in split_plans), captions=captions[split],
                                shards=[by_name[p.name] for p in split_plans])

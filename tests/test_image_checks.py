@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.readers.images import _check_tiff, inspect_image
+from shards.readers.images import ImageInfo, _check_tiff, inspect_image
 
 
 def _plain_tiff(pixels: np.ndarray, rows_per_strip: int, reverse_strips: bool = False, junk_tag: bool = False) -> bytes:
@@ -152,3 +152,12 @@ def inspect_image_bytes(data: bytes):
         f.write(data)
         f.flush()
         return inspect_image(f.name)
+
+
+def test_without_data_keeps_every_other_field():
+    from dataclasses import fields
+
+    info = ImageInfo(True, "why", 3, "ab" * 32, "tif", 4, 5, 123, data=b"abc")
+    bare = info.without_data()
+    assert bare.data is None
+    assert all(getattr(bare, f.name) == getattr(info, f.name) for f in fields(ImageInfo) if f.name != "data")

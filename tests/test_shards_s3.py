@@ -14,6 +14,7 @@ boto3 = pytest.importorskip("boto3")
 
 from shards import cli  # noqa: E402
 from shards.manifest import read_manifest, verify_shards  # noqa: E402
+from shards.readers import InputError  # noqa: E402
 from shards.storage import StorageError, register_webdataset_s3  # noqa: E402
 from shards.writer import write_shards  # noqa: E402
 
@@ -34,6 +35,24 @@ def _corpus(root):
     ann = root / "dataset_synth.json"
     ann.write_text(json.dumps({"images": records, "dataset": "synth"}))
     return ann, images
+
+
+def test_first_write_in_worker_processes_on_s3(tmp_path, s3_endpoint):
+    """Worker processes check and write in one pass straight to S3: the local set's digest; with a bad
+    image (on_error="fail") the shards other drafts wrote are deleted again: no object is left."""
+    ann, images = _corpus(tmp_path)
+    opts = {"endpoint_url": s3_endpoint}
+    local = write_shards(ann, images, str(tmp_path / "local"), shard_size=4, progress=False)
+    uri = f"s3://{BUCKET}/corpora/pooled"
+    m = write_shards(ann, images, uri, shard_size=4, workers=2, storage_options=opts, progress=False)
+    assert m.digest == local.digest and len(m.shards()) >= 3 and verify_shards(uri, opts).ok
+
+    (images / "7.jpg").write_bytes((images / "7.jpg").read_bytes()[:-10])  # test split: its draft comes last
+    with pytest.raises(InputError, match="7.jpg: truncated JPEG"):
+        write_shards(ann, images, f"s3://{BUCKET}/corpora/failed", shard_size=4, workers=2, storage_options=opts,
+                     progress=False)
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=BUCKET, Prefix="corpora/failed/")
+    assert listed["KeyCount"] == 0
 
 
 def test_write_verify_and_read_back_through_webdataset(tmp_path, s3_endpoint, capsys):

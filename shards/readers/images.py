@@ -31,6 +31,10 @@ class ImageInfo:
     ahash: int | None = None
     data: bytes | None = field(default=None, repr=False, compare=False)  # the bytes, when kept
 
+    def without_data(self) -> ImageInfo:
+        """The same info without the bytes (what a task sends back; dataclasses.replace is 4x slower)."""
+        return ImageInfo(self.ok, self.reason, self.size, self.sha256, self.ext, self.width, self.height, self.ahash)
+
 
 def _average_hash(im) -> int | None:
     """8x8 average hash (64 bits); None for flat images, whose hash says nothing."""
@@ -197,7 +201,7 @@ def inspect_image(path: str, want_ahash: bool = False, full_decode: bool = False
     ``ImageInfo.data`` (the writer then need not read the file again)."""
     info = _inspect(path, want_ahash, full_decode)
     if info.data is not None and not keep_data:
-        info = dataclasses.replace(info, data=None)
+        info = info.without_data()
     return info
 
 
