@@ -1,5 +1,5 @@
 """Where the check and write phases run when not in the calling process: a local process pool
-(``workers``) or a Ray cluster (``ray_address``).
+(``workers``) or a Ray cluster (``ray_address``); or in threads of the calling process.
 
 Either way a task receives paths and metadata, reads its own images and returns only image
 digests (check phase) or shard digests and sizes (write phase): the driver never holds image
@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["Executor", "process_pool", "ray_executor", "progress_bar"]
+__all__ = ["Executor", "process_pool", "thread_pool", "ray_executor", "progress_bar"]
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
@@ -70,6 +70,13 @@ def process_pool(workers: int) -> Executor:
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     return Executor(pool.submit, 2 * workers, lambda: pool.shutdown(cancel_futures=True),
                     lambda fut: fut.cancel())
+
+
+def thread_pool(workers: int) -> Executor:
+    """``workers`` threads of this process, for tasks whose time goes to work that releases the GIL
+    (reading, hashing and writing large files)."""
+    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="shard-task")
+    return Executor(pool.submit, 2 * workers, lambda: pool.shutdown(cancel_futures=True), lambda fut: fut.cancel())
 
 
 def ray_executor(address: str) -> Executor:

@@ -6,11 +6,12 @@
    (``workers > 1``) or as Ray tasks (``ray_address``). With ``on_error="fail"`` any problem raises
    :class:`~shards.readers.InputError` here, before anything is written; with ``"skip"`` the bad
    samples go to the manifest's quarantine list. A first write (no manifest in the output) through a
-   pool or Ray checks and writes in one pass instead, so each image is read and hashed once: the
-   shards are drafted from the files' sizes, each task checks its drafts' images and writes the good
-   ones, and phase 3 keeps a drafted shard only where the final plan is the same (its content key
-   tells) and writes the rest. With ``on_error="fail"`` a problem removes every drafted shard
-   before the error is raised, so nothing is left behind either.
+   pool or Ray, or in-process with large images (in threads), checks and writes in one pass
+   instead, so each image is read and hashed once and checks overlap with writes: the shards are
+   drafted from the files' sizes, each task checks its drafts' images and writes the good ones, and
+   phase 3 keeps a drafted shard only where the final plan is the same (its content key tells) and
+   writes the rest. With ``on_error="fail"`` a problem removes every drafted shard before the error
+   is raised, so nothing is left behind either.
 2. Plan (:mod:`shards.plan`): each sample's shard follows from its key (:mod:`shards.assign`) and
    each shard gets a content key. If the output already holds a complete set with the same source
    digest and options, nothing is written (``Manifest.reused`` is True). Otherwise a shard of the
@@ -42,7 +43,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from .distributed import Executor, process_pool, progress_bar, ray_executor
+from .distributed import Executor, process_pool, progress_bar, ray_executor, thread_pool
 from .manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -78,7 +79,7 @@ DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB soft limit per shard
 _MAX_REPORT = 50
 _KEEP_BYTES = 512 << 20  # image bytes kept in memory between the check and write phases (in-process)
 _CHECK_BATCH = 256  # images per check task (threads, pool, Ray)
-_CHECK_THREADS = 2  # in-process check threads for large images (bench/bench_shards.py --like rsitmd)
+_CHECK_THREADS = 2  # in-process threads for large images (bench/bench_shards.py --like rsitmd)
 _THREAD_MIN_BYTES = 64 << 10  # mean image size from which they pay off
 _WRITE_BATCH = 512  # samples per write task: whole shards, at least one
 _STAT_BATCH = 4096  # files per size task (a first write through a pool or Ray drafts its shards from them)
@@ -236,10 +237,17 @@ def _file_sizes(paths: list[str]) -> list[int]:
     return sizes
 
 
+def _large_images(samples: list[Sample]) -> bool:
+    """Whether the first images average ``_THREAD_MIN_BYTES`` or more: an in-process first write
+    then runs its one pass in threads (for small files their contention for the GIL costs more)."""
+    sizes = _file_sizes([s.image_path for s in samples[:_CHECK_BATCH]])
+    return bool(sizes) and sum(sizes) >= _THREAD_MIN_BYTES * len(sizes)
+
+
 def _check_and_write(samples: list[Sample], executor: Executor, store: Store, opts: CheckOptions, *,
                      shard_size: int, shard_bytes: int, storage_options: dict | None,
                      progress: bool) -> tuple[dict[str, list[ShardPlan]], dict[str, ImageInfo], dict[str, ShardInfo]]:
-    """A first write through a pool or Ray in one pass: the drafts, every sample's image info by key,
+    """A first write in one pass (a pool, Ray or threads): the drafts, every sample's image info by key,
     and the shards the tasks wrote (drafted from the files' sizes, holding the good images; see the
     module doc)."""
     paths = [s.image_path for s in samples]
@@ -307,7 +315,8 @@ def write_shards(
         resize: re-encode images so the shorter side is at most this many px (JPEG stays JPEG,
             PNG/TIFF become PNG); None keeps the stored bytes.
         workers: local processes checking images and writing shards; output does not depend on it.
-        on_error: "fail" raises InputError before writing anything; "skip" quarantines bad samples.
+        on_error: "fail" raises InputError, leaving an existing set untouched and no shard of its own
+            (a first write's one pass removes those it wrote); "skip" quarantines bad samples.
         storage_options: fsspec options (e.g. ``{"endpoint_url": ...}``); never logged.
         check_leaks: find train/val/test duplicates (exact bytes and 8x8 average hash); decodes
             every image.
@@ -350,7 +359,10 @@ def write_shards(
     salt = content_salt(resize)
     try:
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
-        if executor is not None and old is None and not doomed:
+        one_pass = old is None and not doomed
+        if executor is None and one_pass and _large_images(samples):
+            executor = thread_pool(_CHECK_THREADS)
+        if executor is not None and one_pass:
             store.makedirs()
             store.remove(MANIFEST_NAME)  # an unreadable one
             store.remove(SIZES_NAME)

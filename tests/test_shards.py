@@ -688,8 +688,9 @@ def test_member_names_over_100_bytes_are_counted_and_verified(tmp_path):
 
 
 def test_threaded_check_and_hashing_write_the_same_bytes(tmp_path, monkeypatch):
-    """Large images are checked in threads (and every shard is hashed in a thread): the shards, their
-    digests and the reported problem are those of the one-thread path."""
+    """Large images are checked in threads (and every shard is hashed in a thread): in one pass on a
+    first write, in the check phase over an existing set. The shards, their digests and the reported
+    problem are those of the one-thread path."""
     import threading
 
     import shards.writer as writer
@@ -699,24 +700,34 @@ def test_threaded_check_and_hashing_write_the_same_bytes(tmp_path, monkeypatch):
     doc = json.loads(ann.read_text())
     doc["images"].append(_record(99, "cut.jpg", "test"))
     ann.write_text(json.dumps(doc))
-    seen: list[str] = []
-    check_batch = writer._check_batch
-    monkeypatch.setattr(writer, "_check_batch",
-                        lambda *a, **k: seen.append(threading.current_thread().name) or check_batch(*a, **k))
+    seen: list[tuple[str, str]] = []
+    for module, name in ((writer, "_check_batch"), (writer, "check_and_write")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(
+            (name, threading.current_thread().name)) or fn(*a, **k))
     monkeypatch.setattr(writer, "_CHECK_BATCH", 2)
+    monkeypatch.setattr(writer, "_WRITE_BATCH", 2)
     results = {}
-    for threads, min_bytes in ((1, 1 << 40), (2, 0)):
+    for threads, min_bytes, existing in ((1, 1 << 40, False), (2, 0, False), (2, 0, True)):
         monkeypatch.setattr(writer, "_CHECK_THREADS", threads)
         monkeypatch.setattr(writer, "_THREAD_MIN_BYTES", min_bytes)
+        out = tmp_path / f"threads-{threads}-{existing}"
+        if existing:  # a set with other options: checked first, then every shard rewritten
+            write_shards(ann, images, str(out), shard_size=3, on_error="skip", progress=False)
         seen.clear()
-        out = tmp_path / f"threads-{threads}"
         m = write_shards(ann, images, str(out), shard_size=2, on_error="skip", progress=False)
         shards = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.tar")}
-        results[threads] = (m.digest, m.source_digest, [q.reason for q in m.quarantine], shards)
-        assert len(seen) == 7 and any(n.startswith("shard-check") for n in seen) == (threads == 2), seen
-    assert results[1] == results[2]
-    assert results[1][2] == ["truncated JPEG (no end-of-image marker)"] and len(results[1][3]) >= 6
-    assert verify_shards(str(tmp_path / "threads-2")).ok
+        results[threads, existing] = (m.digest, m.source_digest, [q.reason for q in m.quarantine], shards)
+        if threads == 1:  # checked in this thread, then written
+            assert {n for n, _ in seen} == {"_check_batch"} and len(seen) == 7
+            assert all(t == threading.current_thread().name for _, t in seen)
+        elif not existing:  # one pass in two threads
+            assert {n for n, _ in seen} == {"check_and_write"} and all(t.startswith("shard-task") for _, t in seen)
+        else:
+            assert {n for n, _ in seen} == {"_check_batch"} and any(t.startswith("shard-check") for _, t in seen)
+    assert results[1, False] == results[2, False] == results[2, True]
+    assert results[1, False][2] == ["truncated JPEG (no end-of-image marker)"] and len(results[1, False][3]) >= 6
+    assert verify_shards(str(tmp_path / "threads-2-False")).ok
 
 
 def test_gc_is_paused_while_writing_and_restored_after(tmp_path, monkeypatch):
