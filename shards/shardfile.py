@@ -4,8 +4,8 @@ written and published atomically.
 A :class:`ShardPlan` names a shard and its members (paths and metadata, never image bytes);
 :func:`write_plans` turns plans into files. It is the whole write phase in-process, and
 :func:`write_batch` is the same in a worker process or a Ray task, so this module imports nothing
-heavy. :func:`check_and_write` is a worker's one pass over draft plans (check each image, write the
-good ones: a first write through a pool or Ray reads and hashes every image once). The same plan
+heavy. :func:`check_and_write` is a task's one pass over draft plans (check each image, write the
+good ones: a first write reads and hashes every image once). The same plan
 gives the same bytes wherever it is written, and :func:`content_key` says which bytes those are.
 """
 
@@ -246,30 +246,33 @@ def write_batch(uri: str, storage_options: dict | None, resize: int | None, plan
 
 @dataclass(frozen=True)
 class CheckOptions:
-    """How :func:`check_and_write` checks images (see :func:`shards.readers.inspect_image`);
-    ``stop_on_problem``: write nothing more in the task once an image fails (``on_error="fail"``)."""
+    """How :func:`check_and_write` checks images (see :func:`shards.readers.inspect_image`) and
+    whether it writes: ``stop_on_problem``: nothing more once an image fails (``on_error="fail"``);
+    ``write`` False: check only (the later tasks of a first write that is going to fail)."""
 
     want_ahash: bool
     full_decode: bool
     stop_on_problem: bool
     resize: int | None
     salt: str  # content_key's salt
+    write: bool = True
 
 
-def check_and_write(uri: str, storage_options: dict | None, opts: CheckOptions,
-                    drafts: list[ShardPlan]) -> list[tuple[tuple[ImageInfo, ...], ShardInfo | None]]:
+def check_and_write(uri: str, storage_options: dict | None,
+                    task: tuple[CheckOptions, list[ShardPlan]]) -> list[tuple[tuple[ImageInfo, ...], ShardInfo | None]]:
     """A worker's task for a first write: check each draft's images and write the good ones as the
     draft's shard, in one pass (each image read and hashed once). A draft's members carry the file
     sizes the driver planned with and no format or digest; the shard gets the content key of what
     was written, so the driver keeps it only if its final plan (from every image's check) is the
     same. Returns per draft the members' image infos (without their bytes) and the shard written
-    (None: every image failed, or an earlier one did with ``stop_on_problem``)."""
+    (None: every image failed, an earlier one did with ``stop_on_problem``, or not ``write``)."""
+    opts, drafts = task
     store = Store(uri, storage_options)
     committer = _Committer()
     hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
     results: list[tuple[tuple[ImageInfo, ...], ShardInfo | None]] = []
     current: _ShardWriter | None = None
-    failed = False
+    failed = not opts.write
     try:
         for draft in drafts:
             infos: list[ImageInfo] = []

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -257,13 +258,22 @@ def _check_and_write(samples: list[Sample], executor: Executor, store: Store, op
     drafts = plan_shards([(s, ImageInfo(True, size=n)) for s, n in zip(samples, sizes)], shard_size=shard_size,
                          shard_bytes=shard_bytes, salt=None)
     tasks = list(_task_batches(list(itertools.chain.from_iterable(drafts.values()))))
-    fn = functools.partial(check_and_write, store.uri, resolve_storage_options(store.uri, storage_options), opts)
+    fn = functools.partial(check_and_write, store.uri, resolve_storage_options(store.uri, storage_options))
     found: dict[str, ImageInfo] = {}
     drafted: dict[str, ShardInfo] = {}
+    check_only = dataclasses.replace(opts, write=False)
+    failing = False  # a problem seen with stop_on_problem: tasks submitted from now on only check
+
+    def submitted() -> Iterator[tuple[CheckOptions, list[ShardPlan]]]:
+        for task in tasks:
+            yield (check_only if failing else opts), task
+
     with progress_bar(len(paths), "check+write", progress) as bar:
-        for task, part in zip(tasks, executor.map(fn, tasks, lambda b: sum(len(p.members) for p in b), bar)):
+        results = executor.map(fn, submitted(), lambda t: sum(len(p.members) for p in t[1]), bar)
+        for task, part in zip(tasks, results):
             for draft, (infos, shard) in zip(task, part):
                 found.update(zip((m.key for m in draft.members), infos))
+                failing = failing or (opts.stop_on_problem and not all(i.ok for i in infos))
                 if shard is not None:
                     drafted[shard.name] = shard
     return drafts, found, drafted

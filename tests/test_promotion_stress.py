@@ -17,7 +17,6 @@ reuses them: it kills one while it holds the lease, and the other one promotes n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from load import busy_cores
 from mlflow.tracking import MlflowClient
 
 from flows.lease import limit_name
@@ -148,17 +148,6 @@ def _versions(client: MlflowClient, mlflow_server: str, name: str, data_uri: str
             for _ in range(n)]
 
 
-@contextlib.contextmanager
-def _busy_cores(n: int = 2):
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait(timeout=30)
-
-
 def test_twenty_rounds_of_racing_promotions_under_load(workers, mlflow_server, tiny_shards) -> None:
     client = MlflowClient(mlflow_server)
     name = "promotion-stress"
@@ -170,7 +159,7 @@ def test_twenty_rounds_of_racing_promotions_under_load(workers, mlflow_server, t
            "figures": figures, "barrier": True}
     rounds: list[dict] = []
     started = time.monotonic()
-    with _busy_cores():
+    with busy_cores():
         for r in range(ROUNDS):
             pair = candidates[2 * r: 2 * r + 2][:: 1 if r % 2 else -1]  # the better one on either side
             for worker, version in zip(workers, pair):

@@ -164,3 +164,52 @@ def test_resize_in_one_pass_equals_the_in_process_set(tiny_corpus, tmp_path, thr
     pooled = write_shards(ann, images, str(tmp_path / "pool"), shard_size=12, resize=16, workers=2, progress=False)
     assert thread_pool["check_and_write"] >= 2
     assert _files(tmp_path / "pool") == _files(tmp_path / "local") and pooled.digest == local.digest
+
+
+def test_a_failing_first_write_stops_writing_in_the_tasks_it_submits_after_the_problem(tiny_corpus, tmp_path,
+                                                                                        thread_pool, monkeypatch):
+    """With on_error="fail", once a task reports a problem the tasks submitted after it only check: a
+    corpus with an early bad image is read to the end (every problem is reported), not written."""
+    ann, images = _corpus(tiny_corpus, tmp_path)
+    doc = json.loads(ann.read_text())
+    bad = sorted(r["filename"] for r in doc["images"] if r["split"] == "test")  # "test" is drafted first
+    for name in bad:
+        (images / name).write_bytes((images / name).read_bytes()[:-40])
+    writes = []
+    check_and_write = writer.check_and_write
+    monkeypatch.setattr(writer, "check_and_write", lambda uri, so, task: writes.append(
+        (task[1][0].name, task[0].write)) or check_and_write(uri, so, task))
+    out = tmp_path / "pool"
+    with pytest.raises(InputError) as ei:
+        write_shards(ann, images, str(out), shard_size=6, workers=2, progress=False)
+    assert sorted(p.source for p in ei.value.problems) == bad
+    flags = [write for _, write in sorted(writes)]  # in the order submitted: by shard name
+    assert len(flags) >= 8 and flags[:4] == [True] * 4 and not any(flags[4:])  # 4 in flight: 2 a worker
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.slow
+def test_one_pass_writes_the_same_set_every_time_under_load(tiny_corpus, tmp_path, thread_pool, monkeypatch):
+    """Twenty one-pass writes through the thread pool (tasks of 1-6 shards, a bad image quarantined,
+    drafts sometimes from wrong sizes) and three through real worker processes, with both cores
+    busy: every one is the in-process set, file for file."""
+    from load import busy_cores
+
+    ann, images = _corpus(tiny_corpus, tmp_path)
+    cut = sorted(images.iterdir())[7]
+    cut.write_bytes(cut.read_bytes()[:-40])
+    kw = {"shard_size": 6, "shard_bytes": 16 * 1024, "on_error": "skip", "progress": False}
+    reference = _files(Path(write_shards(ann, images, str(tmp_path / "local"), **kw).uri))
+    sizes = writer._file_sizes
+    with busy_cores():
+        for i in range(20):
+            monkeypatch.setattr(writer, "_WRITE_BATCH", 1 + 6 * (i % 6))
+            monkeypatch.setattr(writer, "_file_sizes", (lambda p: [1] * len(p)) if i % 4 == 3 else sizes)
+            out = tmp_path / f"round-{i}"
+            write_shards(ann, images, str(out), workers=2, **kw)
+            assert _files(out) == reference, f"round {i}"
+        monkeypatch.undo()  # the real process pool again
+        for i in range(3):
+            out = tmp_path / f"processes-{i}"
+            write_shards(ann, images, str(out), workers=2, **kw)
+            assert _files(out) == reference, f"processes round {i}"
