@@ -194,6 +194,48 @@ class _Committer:
         self._pool.shutdown(wait=True)
 
 
+class _WriteRun:
+    """Shards written one after another, sharing one hashing thread and one publishing thread
+    (:class:`_Committer`). As a context manager: on a clean exit every shard is published; on an
+    error the shard being written is discarded and queued commits are dropped."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._committer = _Committer()
+        self._hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+        self._current: _ShardWriter | None = None
+
+    def open(self, name: str) -> _ShardWriter:
+        self._current = _ShardWriter(self._store, name, self._hasher)
+        return self._current
+
+    def publish(self, content: str) -> ShardInfo:
+        """End the open shard and queue it for publication; returns its info."""
+        info, af = self._current.finish(content)
+        self._current = None
+        self._committer.submit(af)
+        return info
+
+    def drop(self) -> None:
+        """Discard the open shard."""
+        self._current.discard()
+        self._current = None
+
+    def __enter__(self) -> _WriteRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._committer.wait()
+            else:
+                if self._current is not None:
+                    self._current.discard()
+                self._committer.abandon()
+        finally:
+            self._hasher.shutdown(wait=True)
+
+
 def read_member(m: Member, resize: int | None = None) -> tuple[str, bytes]:
     """(extension, bytes) of ``m``'s image as stored (re-encoded with ``resize``), refusing a file
     that changed since the check phase."""
@@ -212,30 +254,17 @@ def write_plans(store: Store, plans: Iterable[ShardPlan], load: Callable[[Member
                 on_shard: Callable[[ShardInfo], None] | None = None) -> list[ShardInfo]:
     """Write every planned shard (``load`` gives a member's image); returns their infos in order.
     On an error nothing half-written is published."""
-    committer = _Committer()
-    hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
     infos: list[ShardInfo] = []
-    current: _ShardWriter | None = None
-    try:
+    with _WriteRun(store) as run:
         for plan in plans:
-            current = _ShardWriter(store, plan.name, hasher)
+            shard = run.open(plan.name)
             for m in plan.members:
                 ext, data = load(m)
-                current.add(m.key, {ext: data, "json": m.meta})
-            info, af = current.finish(plan.content)
-            current = None
-            committer.submit(af)
+                shard.add(m.key, {ext: data, "json": m.meta})
+            info = run.publish(plan.content)
             infos.append(info)
             if on_shard is not None:
                 on_shard(info)
-        committer.wait()
-    except BaseException:
-        if current is not None:
-            current.discard()
-        committer.abandon()
-        raise
-    finally:
-        hasher.shutdown(wait=True)
     return infos
 
 
@@ -267,45 +296,31 @@ def check_and_write(uri: str, storage_options: dict | None,
     same. Returns per draft the members' image infos (without their bytes) and the shard written
     (None: every image failed, an earlier one did with ``stop_on_problem``, or not ``write``)."""
     opts, drafts = task
-    store = Store(uri, storage_options)
-    committer = _Committer()
-    hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
     results: list[tuple[tuple[ImageInfo, ...], ShardInfo | None]] = []
-    current: _ShardWriter | None = None
     failed = not opts.write
-    try:
+    with _WriteRun(Store(uri, storage_options)) as run:
         for draft in drafts:
             infos: list[ImageInfo] = []
             written: list[Member] = []
-            current = None if failed else _ShardWriter(store, draft.name, hasher)
+            shard = None if failed else run.open(draft.name)
             for m in draft.members:
                 info = inspect_image(m.path, opts.want_ahash, opts.full_decode, keep_data=not opts.resize)
                 infos.append(info.without_data() if info.data is not None else info)
                 if not info.ok:
-                    if opts.stop_on_problem and current is not None:
-                        current.discard()
-                        current, failed = None, True
+                    if opts.stop_on_problem and shard is not None:
+                        run.drop()
+                        shard, failed = None, True
                     continue
-                if current is None:
+                if shard is None:
                     continue
                 member = Member(m.key, m.path, info.ext, info.size, info.sha256, m.meta)
                 ext, data = (info.ext, info.data) if info.data is not None else read_member(member, opts.resize)
-                current.add(m.key, {ext: data, "json": m.meta})
+                shard.add(m.key, {ext: data, "json": m.meta})
                 written.append(member)
-            shard = None
-            if current is not None and written:
-                shard, af = current.finish(content_key(written, opts.salt))
-                committer.submit(af)
-            elif current is not None:
-                current.discard()
-            current = None
-            results.append((tuple(infos), shard))
-        committer.wait()
-    except BaseException:
-        if current is not None:
-            current.discard()
-        committer.abandon()
-        raise
-    finally:
-        hasher.shutdown(wait=True)
+            published = None
+            if shard is not None and written:
+                published = run.publish(content_key(written, opts.salt))
+            elif shard is not None:
+                run.drop()
+            results.append((tuple(infos), published))
     return results
