@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, TypeVar
 
 __all__ = [
@@ -341,10 +341,23 @@ class Store:
 
         self._io(self.url(name), op)
 
-    def makedirs(self) -> None:
+    def makedirs(self) -> bool:
+        """Create the root folder (local); True when it did not exist."""
         with storage_errors(self.uri):
-            if not self.remote:
-                os.makedirs(self.root, exist_ok=True)
+            if self.remote or os.path.isdir(self.root):
+                return False
+            os.makedirs(self.root, exist_ok=True)
+            return True
+
+    def remove_empty_folders(self, folders: Iterable[str], root: bool = False) -> None:
+        """Remove these folders (names under the root) where empty, then the root too when ``root``
+        and empty (local; S3 has no folders)."""
+        if self.remote:
+            return
+        paths = [self._path(f) for f in sorted(set(folders) - {""}, reverse=True)]  # deeper ones first
+        for path in paths + [self.root] * root:
+            with contextlib.suppress(OSError):  # not empty, or gone
+                os.rmdir(path)
 
 
 

@@ -372,8 +372,9 @@ def write_shards(
         one_pass = old is None and not doomed
         if executor is None and one_pass and _large_images(samples):
             executor = thread_pool(_CHECK_THREADS)
+        created = False  # the output folder, by the one pass
         if executor is not None and one_pass:
-            store.makedirs()
+            created = store.makedirs()
             store.remove(MANIFEST_NAME)  # an unreadable one
             store.remove(SIZES_NAME)
             opts = CheckOptions(want_ahash=check_leaks, full_decode=full_decode, stop_on_problem=on_error == "fail",
@@ -405,6 +406,8 @@ def write_shards(
         if error is not None:
             for name in drafted:  # a first write leaves no shards behind
                 store.remove(name)
+            folders = {d.name.rpartition("/")[0] for d in itertools.chain.from_iterable(drafts.values())}
+            store.remove_empty_folders(folders, root=created)  # nor the folders made for them
             raise error
         for p in problems:
             log.warning("quarantined %s", p)

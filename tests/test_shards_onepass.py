@@ -136,7 +136,7 @@ def test_fail_mode_in_one_pass_raises_and_leaves_no_shard(tiny_corpus, tmp_path,
         write_shards(ann, images, str(out), shard_size=6, workers=2, progress=False)
     assert str(pooled.value) == str(local.value) and names[-1] in str(pooled.value)
     assert thread_pool["check_and_write"] >= 3  # other tasks wrote their shards: all removed again
-    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert not out.exists()  # and the folders made for them
 
     # a problem in the annotations is known before any image is read: checked first, nothing drafted
     doc = json.loads(ann.read_text())
@@ -185,7 +185,14 @@ def test_a_failing_first_write_stops_writing_in_the_tasks_it_submits_after_the_p
     assert sorted(p.source for p in ei.value.problems) == bad
     flags = [write for _, write in sorted(writes)]  # in the order submitted: by shard name
     assert len(flags) >= 8 and flags[:4] == [True] * 4 and not any(flags[4:])  # 4 in flight: 2 a worker
-    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert not out.exists(), sorted(out.rglob("*"))
+
+    # an output folder that was there stays, with what it held
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError):
+        write_shards(ann, images, str(out), shard_size=6, workers=2, progress=False)
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*")] == ["notes.txt"]
 
 
 @pytest.mark.slow
