@@ -61,9 +61,7 @@ def final_plan(drafts: dict[str, list[ShardPlan]], found: dict[str, ImageInfo],
     plans: dict[str, list[ShardPlan]] = {}
     again: set[str] = set()
     for split, shards in drafts.items():
-        infos = [found[m.key] for draft in shards for m in draft.members]
-        sizes = [m.size for draft in shards for m in draft.members]
-        if not all(i.ok and i.size == n for i, n in zip(infos, sizes)):
+        if not all(found[m.key].ok and found[m.key].size == m.size for draft in shards for m in draft.members):
             again.add(split)
             continue
         plans[split] = []

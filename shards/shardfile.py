@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .manifest import ShardInfo
-from .readers import ImageInfo, InputError, encode_image, inspect_image, read_file
+from .readers import ImageInfo, InputError, encode_image, inspect_image, read_file, reencode
 from .storage import AtomicFile, Store
 
 __all__ = ["TAR_MTIME", "END_BYTES", "Member", "ShardPlan", "tar_member_bytes", "content_key", "write_plans",
@@ -304,7 +304,7 @@ def check_and_write(uri: str, storage_options: dict | None,
             written: list[Member] = []
             shard = None if failed else run.open(draft.name)
             for m in draft.members:
-                info = inspect_image(m.path, opts.want_ahash, opts.full_decode, keep_data=not opts.resize)
+                info = inspect_image(m.path, opts.want_ahash, opts.full_decode, keep_data=True)
                 infos.append(info.without_data() if info.data is not None else info)
                 if not info.ok:
                     if opts.stop_on_problem and shard is not None:
@@ -314,7 +314,7 @@ def check_and_write(uri: str, storage_options: dict | None,
                 if shard is None:
                     continue
                 member = Member(m.key, m.path, info.ext, info.size, info.sha256, m.meta)
-                ext, data = (info.ext, info.data) if info.data is not None else read_member(member, opts.resize)
+                ext, data = reencode(info.data, opts.resize) if opts.resize else (info.ext, info.data)
                 shard.add(m.key, {ext: data, "json": m.meta})
                 written.append(member)
             published = None

@@ -178,7 +178,7 @@ def _check(samples: list[Sample], executor: Executor | None, *, check_leaks: boo
         if not batches:
             return []
         first = fn(batches[0])
-        threads = _CHECK_THREADS if sum(i.size for i in first) >= _THREAD_MIN_BYTES * len(first) else 1
+        threads = _CHECK_THREADS if _large([i.size for i in first]) else 1
         pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="shard-check")
         try:
             parts = itertools.chain([first], pool.map(fn, batches[1:]) if threads > 1 else map(fn, batches[1:]))
@@ -238,10 +238,9 @@ def _file_sizes(paths: list[str]) -> list[int]:
     return sizes
 
 
-def _large_images(samples: list[Sample]) -> bool:
-    """Whether the first images average ``_THREAD_MIN_BYTES`` or more: an in-process first write
-    then runs its one pass in threads (for small files their contention for the GIL costs more)."""
-    sizes = _file_sizes([s.image_path for s in samples[:_CHECK_BATCH]])
+def _large(sizes: list[int]) -> bool:
+    """Whether these (the first) images average ``_THREAD_MIN_BYTES`` or more: in-process work on
+    them then runs in threads (for small files their contention for the GIL costs more)."""
     return bool(sizes) and sum(sizes) >= _THREAD_MIN_BYTES * len(sizes)
 
 
@@ -370,7 +369,7 @@ def write_shards(
     try:
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
         one_pass = old is None and not doomed
-        if executor is None and one_pass and _large_images(samples):
+        if executor is None and one_pass and _large(_file_sizes([s.image_path for s in samples[:_CHECK_BATCH]])):
             executor = thread_pool(_CHECK_THREADS)
         created = False  # the output folder, by the one pass
         if executor is not None and one_pass:

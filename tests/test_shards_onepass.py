@@ -158,11 +158,13 @@ def test_an_unreadable_manifest_is_replaced_in_one_pass(tiny_corpus, tmp_path, t
     assert json.loads((out / "manifest.json").read_text())["digest"] == m.digest and verify_shards(str(out)).ok
 
 
-def test_resize_in_one_pass_equals_the_in_process_set(tiny_corpus, tmp_path, thread_pool):
+def test_resize_in_one_pass_equals_the_in_process_set(tiny_corpus, tmp_path, thread_pool, reads):
     ann, images = tiny_corpus
     local = write_shards(ann, images, str(tmp_path / "local"), shard_size=12, resize=16, progress=False)
+    reads.clear()
     pooled = write_shards(ann, images, str(tmp_path / "pool"), shard_size=12, resize=16, workers=2, progress=False)
     assert thread_pool["check_and_write"] >= 2
+    assert set(reads.values()) == {1} and len(reads) == 80  # re-encoded from the bytes the check read
     assert _files(tmp_path / "pool") == _files(tmp_path / "local") and pooled.digest == local.digest
 
 

@@ -263,14 +263,19 @@ def _inspect_with_pillow(data: bytes, digest: str, want_ahash: bool, full_decode
 
 
 def encode_image(path: str, resize: int, expected_sha256: str) -> tuple[str, bytes]:
+    """:func:`reencode` the image at ``path``, refusing a file that changed since it was checked."""
+    data = read_file(path)
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise InputError(f"{path}: image changed while sharding")
+    return reencode(data, resize)
+
+
+def reencode(data: bytes, resize: int) -> tuple[str, bytes]:
     """Re-encode an image so its shorter side is ``resize`` px (aspect kept; images already that
     small are re-encoded at their size). JPEG stays JPEG (quality 95, 4:4:4, no metadata); PNG and
     TIFF become PNG (lossless). Deterministic for a given Pillow build."""
     from PIL import Image
 
-    data = read_file(path)
-    if hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise InputError(f"{path}: image changed while sharding")
     im = Image.open(io.BytesIO(data))
     fmt = im.format
     im.load()
