@@ -25,7 +25,7 @@ def sample_json(s: Sample) -> bytes:
 
 
 def content_salt(resize: int | None) -> str:
-    salt = f"schema {SCHEMA_VERSION}; mtime {TAR_MTIME}; resize {resize}"
+    salt = f"schema {SCHEMA_VERSION}; mtime {TAR_MTIME}; image digest blake3; resize {resize}"
     if resize:
         import PIL
 
@@ -43,7 +43,7 @@ def plan_shards(good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_
     plans: dict[str, list[ShardPlan]] = {}
     for split in sorted(by_split):
         rows = sorted(by_split[split], key=lambda row: row[0])
-        members = [Member(s.key, s.image_path, info.ext, info.size, info.sha256, sample_json(s))
+        members = [Member(s.key, s.image_path, info.ext, info.size, info.digest, sample_json(s))
                    for _, s, info in rows]
         leaves = cut([h for h, _, _ in rows], [m.tar_bytes() for m in members], shard_size, shard_bytes)
         plans[split] = [ShardPlan(shard_name(split, label),
@@ -66,7 +66,7 @@ def final_plan(drafts: dict[str, list[ShardPlan]], found: dict[str, ImageInfo],
             continue
         plans[split] = []
         for draft in shards:
-            members = tuple(Member(m.key, m.path, found[m.key].ext, m.size, found[m.key].sha256, m.meta)
+            members = tuple(Member(m.key, m.path, found[m.key].ext, m.size, found[m.key].digest, m.meta)
                             for m in draft.members)
             plans[split].append(ShardPlan(draft.name, content_key(members, salt), members))
     if again:

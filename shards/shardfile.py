@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .manifest import ShardInfo
-from .readers import ImageInfo, InputError, encode_image, inspect_image, read_file, reencode
+from .readers import ImageInfo, InputError, encode_image, image_digest, inspect_image, read_file, reencode
 from .storage import AtomicFile, Store
 
 __all__ = ["TAR_MTIME", "END_BYTES", "Member", "ShardPlan", "tar_member_bytes", "content_key", "write_plans",
@@ -69,13 +69,13 @@ def tar_header(name: str, size: int) -> bytes:
 @dataclass(frozen=True)
 class Member:
     """One sample as the write phase needs it: where its image is, what the check phase saw there
-    (size, sha256, member extension) and its json member."""
+    (size, digest, member extension) and its json member."""
 
     key: str
     path: str
     ext: str
     size: int
-    sha256: str
+    digest: str  # image_digest of the stored bytes
     meta: bytes
 
     def tar_bytes(self) -> int:
@@ -94,11 +94,11 @@ class ShardPlan:
 
 
 def content_key(members: Sequence[Member], salt: str) -> str:
-    """What a shard's bytes depend on: its members' keys, image sha256s and json members, in order,
+    """What a shard's bytes depend on: its members' keys, image digests and json members, in order,
     and ``salt`` (layout version and re-encoding options). Equal keys mean byte-identical shards."""
     h = hashlib.sha256(salt.encode())
     for m in members:
-        h.update(f"\n{m.key}\0{m.ext}\0{m.sha256}\0{len(m.meta)}\0".encode("utf-8", "surrogateescape"))
+        h.update(f"\n{m.key}\0{m.ext}\0{m.digest}\0{len(m.meta)}\0".encode("utf-8", "surrogateescape"))
         h.update(m.meta)
     return h.hexdigest()
 
@@ -240,12 +240,12 @@ def read_member(m: Member, resize: int | None = None) -> tuple[str, bytes]:
     """(extension, bytes) of ``m``'s image as stored (re-encoded with ``resize``), refusing a file
     that changed since the check phase."""
     if resize:
-        return encode_image(m.path, resize, m.sha256)
+        return encode_image(m.path, resize, m.digest)
     try:
         data = read_file(m.path)
     except OSError as exc:
         raise InputError(f"{m.path}: image became unreadable while sharding: {exc.strerror or exc}") from exc
-    if len(data) != m.size or hashlib.sha256(data).hexdigest() != m.sha256:
+    if len(data) != m.size or image_digest(data) != m.digest:
         raise InputError(f"{m.path}: image changed while sharding")
     return m.ext, data
 
@@ -313,7 +313,7 @@ def check_and_write(uri: str, storage_options: dict | None,
                     continue
                 if shard is None:
                     continue
-                member = Member(m.key, m.path, info.ext, info.size, info.sha256, m.meta)
+                member = Member(m.key, m.path, info.ext, info.size, info.digest, m.meta)
                 ext, data = reencode(info.data, opts.resize) if opts.resize else (info.ext, info.data)
                 shard.add(m.key, {ext: data, "json": m.meta})
                 written.append(member)

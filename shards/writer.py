@@ -112,7 +112,7 @@ def _find_leaks(good: list[tuple[Sample, ImageInfo]]) -> list[Leak]:
     8x8 average hash (``ahash``, near-duplicates such as re-encoded copies)."""
     groups: dict[tuple[str, object], list[Sample]] = defaultdict(list)
     for s, info in good:
-        groups[("exact", info.sha256)].append(s)
+        groups[("exact", info.digest)].append(s)
         if info.ahash is not None:
             groups[("ahash", info.ahash)].append(s)
     seen: set[tuple[str, str]] = set()
@@ -143,7 +143,7 @@ def _source_digest(listing: Listing, good: list[tuple[Sample, ImageInfo]], probl
         head["pillow"] = PIL.__version__  # re-encoded bytes depend on the encoder build
     h.update(json.dumps(head, sort_keys=True).encode())
     for s, info in sorted(good, key=lambda si: si[0].key):
-        h.update(f"{s.key}\0{s.split}\0{s.filename}\0{info.sha256}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{s.key}\0{s.split}\0{s.filename}\0{info.digest}\n".encode("utf-8", "surrogateescape"))
     for p in problems:
         h.update(f"!{p}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

@@ -162,3 +162,31 @@ def test_option_change_keeps_shards_whose_content_is_the_same(tiny_corpus, tmp_p
         assert after == before
     else:
         assert 0 < len(m.reused_shards) < len(after) and all(s.samples <= 6 for s in m.shards())
+
+
+def test_an_image_edited_in_place_at_the_same_size_rewrites_only_its_shard(tiny_corpus, tmp_path):
+    """The image digest, not the file's size, tells a shard's content: one byte changed inside one image's
+    scan data rewrites the shard holding it, and the result equals a fresh write."""
+    src_ann, src_images = tiny_corpus
+    images = tmp_path / "images"
+    shutil.copytree(src_images, images)
+    argv = ["shard", str(src_ann), "--images", str(images), "--shard-size", "8", "--no-progress"]
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    before, members = _state(out), _members(str(out))
+    name = sorted(members)[len(members) // 2]
+    key = min(members[name])
+    path = next(p for p in images.iterdir() if f"synth_{p.stem}" == key)
+    data = bytearray(path.read_bytes())
+    i = next(i for i in range(len(data) // 2, len(data) - 2) if 0xFF not in data[i - 1:i + 2])
+    data[i] ^= 0x01  # entropy-coded bytes, no marker next to it: still a well-formed JPEG
+    path.write_bytes(bytes(data))
+
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    m, after = read_manifest(str(out)), _state(out)
+    assert set(after) == set(before) and set(m.reused_shards) == set(before) - {name}
+    assert after[name][2] != before[name][2]
+    assert all(after[n] == before[n] for n in m.reused_shards)
+    fresh = tmp_path / "fresh"
+    assert cli.main([*argv, "--out", str(fresh)]) == 0
+    assert read_manifest(str(fresh)).digest == m.digest

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from .corpora import KNOWN_CORPORA, CorpusSpec, detect_corpus
 from .generic import read_generic
-from .images import ImageInfo, encode_image, inspect_image, read_file, reencode
+from .images import ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
 from .karpathy import read_karpathy
 from .records import InputError, Listing, Problem, Sample, sample_key
 
@@ -62,6 +62,7 @@ __all__ = [
     "detect_corpus",
     "inspect_image",
     "encode_image",
+    "image_digest",
     "reencode",
     "ImageInfo",
     "read_file",

@@ -7,11 +7,12 @@ file needs it).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import zlib
 from dataclasses import dataclass, field
+
+import blake3
 
 from .records import InputError
 
@@ -24,7 +25,7 @@ class ImageInfo:
     ok: bool
     reason: str = ""
     size: int = 0
-    sha256: str = ""
+    digest: str = ""  # BLAKE3 of the bytes (image_digest)
     ext: str = ""
     width: int = 0
     height: int = 0
@@ -33,7 +34,7 @@ class ImageInfo:
 
     def without_data(self) -> ImageInfo:
         """The same info without the bytes (what a task sends back; dataclasses.replace is 4x slower)."""
-        return ImageInfo(self.ok, self.reason, self.size, self.sha256, self.ext, self.width, self.height, self.ahash)
+        return ImageInfo(self.ok, self.reason, self.size, self.digest, self.ext, self.width, self.height, self.ahash)
 
 
 def _average_hash(im) -> int | None:
@@ -49,6 +50,13 @@ def _average_hash(im) -> int | None:
     if bits in (0, (1 << 64) - 1):
         return None
     return bits
+
+
+def image_digest(data: bytes) -> str:
+    """An image's content digest (hex): what content keys, the source digest and duplicate checks
+    compare. BLAKE3, a cryptographic hash 3-4x faster than sha256 on one core, because every
+    image is hashed twice on its way into a shard (here, and inside its shard's sha256)."""
+    return blake3.blake3(data).hexdigest()
 
 
 def read_file(path: str) -> bytes:
@@ -216,7 +224,7 @@ def _inspect(path: str, want_ahash: bool, full_decode: bool) -> ImageInfo:
         return ImageInfo(False, f"cannot read image: {exc.strerror or exc}")
     if not data:
         return ImageInfo(False, "image file is empty (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = image_digest(data)
     fast = None
     if data[:3] == b"\xff\xd8\xff":
         fast, ext = _check_jpeg(data), "jpg"
@@ -262,10 +270,10 @@ def _inspect_with_pillow(data: bytes, digest: str, want_ahash: bool, full_decode
     return ImageInfo(True, "", len(data), digest, ext, w, h, ahash)
 
 
-def encode_image(path: str, resize: int, expected_sha256: str) -> tuple[str, bytes]:
+def encode_image(path: str, resize: int, expected_digest: str) -> tuple[str, bytes]:
     """:func:`reencode` the image at ``path``, refusing a file that changed since it was checked."""
     data = read_file(path)
-    if hashlib.sha256(data).hexdigest() != expected_sha256:
+    if image_digest(data) != expected_digest:
         raise InputError(f"{path}: image changed while sharding")
     return reencode(data, resize)
 
