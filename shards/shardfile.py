@@ -20,7 +20,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .manifest import ShardInfo
-from .readers import ImageInfo, InputError, encode_image, image_digest, inspect_image, read_file, reencode
+from .readers import (
+    MEMBER_EXT_LEN,
+    ImageInfo,
+    InputError,
+    encode_image,
+    image_digest,
+    inspect_image,
+    read_file,
+    reencode,
+)
 from .storage import AtomicFile, Store
 
 __all__ = ["TAR_MTIME", "END_BYTES", "Member", "ShardPlan", "tar_member_bytes", "content_key", "write_plans",
@@ -30,8 +39,11 @@ TAR_MTIME = 1577836800  # 2020-01-01T00:00:00Z, fixed for every member
 END_BYTES = 1024  # the two zero blocks that end an archive
 
 
-def tar_member_bytes(size: int) -> int:
-    return 512 + (size + 511) // 512 * 512
+def tar_member_bytes(name_bytes: int, size: int) -> int:
+    """Bytes of one member in the archive: its header (after a GNU longname header and blocks when
+    the name is over 100 bytes, as tarfile writes it) and its data padded to whole blocks."""
+    longname = 512 + (name_bytes + 512) // 512 * 512 if name_bytes > 100 else 0  # name + NUL, padded
+    return longname + 512 + (size + 511) // 512 * 512
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -79,8 +91,11 @@ class Member:
     meta: bytes
 
     def tar_bytes(self) -> int:
-        """Bytes of its two tar members with the stored image (re-encoding changes the image's)."""
-        return tar_member_bytes(len(self.meta)) + tar_member_bytes(self.size)
+        """Bytes of its two tar members with the stored image (re-encoding changes the image's); the
+        same for a draft, whose extension is not known yet."""
+        key = len(self.key.encode("utf-8"))
+        image = tar_member_bytes(key + 1 + MEMBER_EXT_LEN, self.size)
+        return tar_member_bytes(key + len(".json"), len(self.meta)) + image
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,7 @@ class _ShardWriter:
             data = members[ext]
             header, pad = tar_header(f"{key}.{ext}", len(data)), _ZEROS[: -len(data) % 512]
             self._parts += (header, data, pad)
-            self._pending += len(header) + len(data) + len(pad)  # a name over 100 bytes takes GNU longname blocks
+            self._pending += len(header) + len(data) + len(pad)
         self.samples += 1
         if self._pending >= _FLUSH_BYTES:
             self._flush()

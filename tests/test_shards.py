@@ -21,6 +21,7 @@ from PIL import Image
 from shards import cli
 from shards.manifest import read_manifest, verify_shards
 from shards.readers import InputError, read_annotations, sample_key
+from shards.shardfile import Member
 from shards.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,6 +408,36 @@ def test_shard_bytes_limit(tmp_path):
     m = _write(ann, images, tmp_path / "out", shard_bytes=4096)
     assert all(s.samples == 1 for s in m.shards())  # each sample alone exceeds half the limit
     assert sum(s.samples for s in m.shards()) == len(good)
+
+
+def test_planned_bytes_are_the_archives_with_long_member_names(tmp_path):
+    """What the planner counts for a sample (for a draft too, before the image's format is known) is
+    what its two members take in the tar, GNU longname blocks included for names over 100 bytes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    stems = ["n" * n for n in (10, 85, 86, 88, 89, 92, 200)] + ["/".join(["d" * 200] * 3)]
+    for i, stem in enumerate(stems):  # member names of 21-627 bytes
+        fn = f"{stem}{i}.{('jpg', 'png', 'tif')[i % 3]}"
+        (images / fn).parent.mkdir(parents=True, exist_ok=True)
+        (images / fn).write_bytes(_image_bytes(i, fn[-3:]))
+        records.append(_record(i, fn))
+    ann = tmp_path / "dataset_synth.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "synth"}))
+    m = _write(ann, images, tmp_path / "out", shard_size=1)
+    assert len(m.shards()) == len(records)
+    lengths = []
+    for shard in m.shards():
+        with tarfile.open(tmp_path / "out" / shard.name) as tf:
+            members = tf.getmembers()
+            end = tf.offset  # where the end-of-archive blocks start
+        image, meta = sorted(members, key=lambda ti: ti.name.endswith(".json"))
+        key = meta.name.removesuffix(".json")
+        for ext in ("", image.name.rsplit(".", 1)[1]):  # a draft's member, then the written one
+            planned = Member(key, "", ext, image.size, "", b"x" * meta.size)
+            assert planned.tar_bytes() == end, (shard.name, len(image.name))
+        lengths += [len(image.name), len(meta.name)]
+    assert min(lengths) <= 100 < max(lengths) and 100 in lengths and 101 in lengths
 
 
 def test_two_runs_are_byte_identical_whatever_the_workers(tmp_path):

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from .corpora import KNOWN_CORPORA, CorpusSpec, detect_corpus
 from .generic import read_generic
-from .images import ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
+from .images import MEMBER_EXT_LEN, ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
 from .karpathy import read_karpathy
 from .records import InputError, Listing, Problem, Sample, sample_key
 
@@ -65,6 +65,7 @@ __all__ = [
     "image_digest",
     "reencode",
     "ImageInfo",
+    "MEMBER_EXT_LEN",
     "read_file",
     "sample_key",
 ]

@@ -18,6 +18,9 @@ from .records import InputError
 
 # Image formats kept as stored, PIL format name -> shard member extension.
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif"}
+# Every member extension has this length, so a shard's tar layout follows from its keys and sizes before
+# the images' formats are known (a one-pass write drafts its shards from the files' sizes).
+(MEMBER_EXT_LEN,) = {len(ext) for ext in FORMAT_EXT.values()}
 
 
 @dataclass(frozen=True)
