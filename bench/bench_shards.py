@@ -16,12 +16,15 @@ times reading and hashing every file as the writer does, on one core (BLAKE3 ima
 digest and content keys, and the same bytes again inside each shard's sha256 for the manifest), Python's own
 ``tarfile`` adding the same files without any checks, an up-to-date rerun (annotations + image
 checks + digest, nothing written), an incremental rerun after one caption changed, and
-``verify_shards``. ``--scaling`` times 1, 2, 4, ... worker processes.
+``verify_shards``. ``--scaling`` times 1, 2, 4, ... worker processes. ``--annotations N`` measures the
+memory the annotation reader needs (the writer's peak, whatever the workers) on N records shaped like
+RSICD's (raw text, tokens and ids per sentence), against ``json.loads`` of the whole document.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import io
 import json
@@ -32,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +44,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from shards.manifest import verify_shards  # noqa: E402
-from shards.readers import image_digest  # noqa: E402
+from shards.readers import image_digest, read_annotations  # noqa: E402
 from shards.writer import write_shards  # noqa: E402
 
 # --like: image side, format, count and how the pixels are drawn (noise JPEGs compress poorly, so the
@@ -74,6 +78,51 @@ def make_corpus(root: Path, n: int, seed: int = 0, like: str = "tiny") -> Path:
     ann = root / "dataset_bench.json"
     ann.write_text(json.dumps({"images": records, "dataset": "bench"}))
     return ann
+
+
+def karpathy_like(path: Path, n: int, seed: int = 0) -> None:
+    """n records shaped like RSICD's ``dataset_rsicd.json``: 5 sentences of 8-18 words, each with its raw
+    text, tokens and ids (about 1.4 KB a record)."""
+    rng = np.random.default_rng(seed)
+    words = ("a an the green large small red roof river road bridge building buildings several many trees near "
+             "beside parking lot with cars white field bare land").split()
+    records = []
+    for i in range(n):
+        sentences = []
+        for j in range(5):
+            tokens = [words[k] for k in rng.integers(0, len(words), int(rng.integers(8, 19)))]
+            sentences.append({"tokens": tokens, "raw": " ".join(tokens) + " .", "imgid": i, "sentid": 5 * i + j})
+        records.append({"filename": f"{i:06d}.jpg", "imgid": i, "sentences": sentences, "split": "train",
+                        "sentids": list(range(5 * i, 5 * i + 5))})
+    path.write_text(json.dumps({"images": records, "dataset": "bench"}))
+
+
+def annotation_memory(n: int, work: Path) -> dict:
+    """Peak memory (tracemalloc) and time of reading n RSICD-like records, against json.loads of the document."""
+    path = work / "dataset_memory.json"
+    karpathy_like(path, n)
+
+    def measure(fn) -> tuple[float, int]:
+        gc.disable()  # as write_shards runs it
+        try:
+            t = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t
+            tracemalloc.start()
+            fn()
+            return seconds, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+
+    t_reader, peak_reader = measure(lambda: read_annotations(path, work, corpus="bench"))
+    t_json, peak_json = measure(lambda: json.loads(path.read_text()))
+    size = path.stat().st_size
+    print(f"annotations  : {n} RSICD-like records ({size / n:.0f} bytes each) read in {t_reader:.2f} s "
+          f"(json.loads alone {t_json:.2f} s); peak {peak_reader / n:.0f} bytes a record, against "
+          f"{peak_json / n:.0f} for json.loads of the document ({peak_json / peak_reader:.1f}x)")
+    return {"records": n, "file_bytes": size, "read_s": t_reader, "peak_bytes": peak_reader,
+            "json_loads_peak_bytes": peak_json}
 
 
 def find_annotations(corpus: Path) -> Path:
@@ -111,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of each, best kept (default: 2)")
     ap.add_argument("--scaling", action="store_true",
                     help="also time 1, 2, 4, ... workers up to the CPUs available (throughput against workers)")
+    ap.add_argument("--annotations", type=int, default=50_000, metavar="N",
+                    help="records for the annotation reader's memory figure (default: 50000; 0: skip it)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args(argv)
     if args.small:
@@ -221,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                 scaling[w] = n / t_w
                 print(f"workers {w:<4} : {t_w:7.3f} s  {n / t_w:9.0f} images/s  ({scaling[w] / scaling[1]:.2f}x "
                       "one worker)")
+        memory = annotation_memory(args.annotations, work) if args.annotations else None
         if args.json:
             print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "hash_s": t_hash, "pytar_s": t_pytar,
-                              "shards_s": t_shards,
+                              "shards_s": t_shards, "annotations": memory,
                               "shards_cpu_s": cpu_here, "shards_workers_cpu_s": cpu_workers, "ratio": ratio,
                               "rerun_s": t_rerun, "incremental_s": t_incr,
                               "verify_s": t_verify, "workers": args.workers, "cpus": os.cpu_count(),

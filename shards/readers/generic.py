@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -35,9 +34,9 @@ def _record_fields(rec: dict) -> tuple[object, object, object, object]:
 def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
     """Read a generic JSONL, JSON-list, CSV or TSV annotation file (see module docstring)."""
     path = Path(path)
-    text, raw = _decode(path)
+    text, sha256 = _decode(path)
     name, spec = detect_corpus(path, None, corpus)
-    listing = Listing(name, path.name, hashlib.sha256(raw).hexdigest(), spec=spec)
+    listing = Listing(name, path.name, sha256, spec=spec)
     b = _Builder(listing, Path(images_dir).resolve(), spec.captions_per_image if spec else None)
     suffix = path.suffix.lower()
     split_counts: dict[str, int] = {}

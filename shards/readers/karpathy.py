@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,18 +9,26 @@ from .corpora import _check_counts, detect_corpus
 from .records import InputError, Listing, _Builder, _decode
 
 
+def _without_tokens(obj: dict) -> dict:
+    """``json.loads`` object hook: a sentence's "tokens" (unused here, and most of a Karpathy file's
+    objects) are dropped as each sentence is parsed, so they never pile up in memory."""
+    obj.pop("tokens", None)
+    return obj
+
+
 def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
     """Read a Karpathy-layout JSON (RSICD, RSITMD, UCM, Sydney, synth)."""
     path = Path(path)
-    text, raw = _decode(path)
+    text, sha256 = _decode(path)
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_hook=_without_tokens)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    del text  # parsed: not held while the samples are built
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise InputError(f"{path.name}: not a Karpathy-layout file (expected an object with an 'images' list)")
     name, spec = detect_corpus(path, data, corpus)
-    listing = Listing(name, path.name, hashlib.sha256(raw).hexdigest(), spec=spec)
+    listing = Listing(name, path.name, sha256, spec=spec)
     b = _Builder(listing, Path(images_dir).resolve(), spec.captions_per_image if spec else None)
     split_counts: dict[str, int] = {}
     for i, rec in enumerate(data["images"]):

@@ -94,14 +94,15 @@ class Listing:
 # text helpers
 
 
-def _decode(path: Path) -> tuple[str, bytes]:
-    """Read a text file; invalid UTF-8 bytes survive as surrogates and are reported per record."""
+def _decode(path: Path) -> tuple[str, str]:
+    """Read a text file: its text and the sha256 of its bytes (which are not kept: a corpus's
+    annotations can be gigabytes). Invalid UTF-8 bytes survive as surrogates and are reported per
+    record."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read annotations: {exc.strerror or exc}") from exc
-    text = raw.decode("utf-8", "surrogateescape")
-    return text.removeprefix("\ufeff"), raw
+    return raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), hashlib.sha256(raw).hexdigest()
 
 
 def _bad_text(s: str) -> str | None:
