@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from .corpora import _check_counts, detect_corpus
-from .records import InputError, Listing, _Builder, _decode
+from .records import _JSON, InputError, Listing, _Builder, _decode
 
 _IMAGE_FIELDS = ("filename", "image", "path", "filepath", "file", "image_path")
 _CAPTION_FIELDS = ("caption", "text", "title", "sentence")
@@ -29,6 +30,18 @@ def _record_fields(rec: dict) -> tuple[object, object, object, object]:
     split = rec.get("split", "train")
     image_id = next((rec[k] for k in ("image_id", "imgid", "id") if k in rec), None)
     return fname, caps, split, image_id
+
+
+def _jsonl_records(lines: list[str], name: str, b: _Builder) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-blank line, parsed as it is reached (invalid ones become problems)."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            yield where, _JSON.decode(line)
+        except json.JSONDecodeError as exc:
+            b.problem(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
@@ -87,24 +100,18 @@ def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = 
                 continue
             b.add(g["where"], g["fname"], g["split"], g["caps"], g["image_id"])
     else:
-        records: list[tuple[str, object]] = []
+        # records are parsed as they are added: a JSONL file's never all live at once
         if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
-            for lineno, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} line {lineno}"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    b.problem(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            records = _jsonl_records(text.splitlines(), path.name, b)
         else:
             try:
-                data = json.loads(text)
+                data = _JSON.decode(text)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
             if not isinstance(data, list):
                 raise InputError(f"{path.name}: expected a JSON list of records or a Karpathy 'images' object")
-            records = [(f"{path.name} record {i}", r) for i, r in enumerate(data)]
+            records = ((f"{path.name} record {i}", r) for i, r in enumerate(data))
+        del text
         for where, rec in records:
             if not isinstance(rec, dict):
                 b.problem(where, f"record is not an object ({type(rec).__name__})")

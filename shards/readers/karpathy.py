@@ -6,14 +6,7 @@ import json
 from pathlib import Path
 
 from .corpora import _check_counts, detect_corpus
-from .records import InputError, Listing, _Builder, _decode
-
-
-def _without_tokens(obj: dict) -> dict:
-    """``json.loads`` object hook: a sentence's "tokens" (unused here, and most of a Karpathy file's
-    objects) are dropped as each sentence is parsed, so they never pile up in memory."""
-    obj.pop("tokens", None)
-    return obj
+from .records import _JSON, InputError, Listing, _Builder, _decode
 
 
 def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
@@ -21,7 +14,7 @@ def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None =
     path = Path(path)
     text, sha256 = _decode(path)
     try:
-        data = json.loads(text, object_hook=_without_tokens)
+        data = _JSON.decode(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     del text  # parsed: not held while the samples are built

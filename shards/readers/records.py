@@ -7,6 +7,7 @@ are the same whatever the layout.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -103,6 +104,17 @@ def _decode(path: Path) -> tuple[str, str]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read annotations: {exc.strerror or exc}") from exc
     return raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), hashlib.sha256(raw).hexdigest()
+
+
+def _without_tokens(obj: dict) -> dict:
+    obj.pop("tokens", None)
+    return obj
+
+
+# The JSON readers' parser: a Karpathy sentence's "tokens" (unread, and most of such a file's objects)
+# are dropped as each sentence is parsed, so they never pile up in memory. One decoder for every call:
+# json.loads with an object_hook builds a new one each time.
+_JSON = json.JSONDecoder(object_hook=_without_tokens)
 
 
 def _bad_text(s: str) -> str | None:
