@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="generated images: tiny 2-10 KB JPEGs (default), rsicd 224 px JPEGs, rsitmd 256 px TIFFs")
     ap.add_argument("--work", type=Path, help="folder for the corpus and outputs (default: the system's temp "
                                               "folder; /dev/shm keeps disk write-back out of the figures)")
-    ap.add_argument("--small", action="store_true", help="quick smoke run: 200 images, one repeat")
+    ap.add_argument("--small", action="store_true", help="quick smoke run: 200 images, one repeat, 2,000 records")
     ap.add_argument("--corpus", type=Path, help="use this corpus (folder with dataset*.json and images/, or an "
                                                 "annotation file next to images/) instead of generating one")
     ap.add_argument("--images", type=Path, help="image folder for --corpus (default: <corpus>/images)")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args(argv)
     if args.small:
-        args.n, args.repeat = 200, 1
+        args.n, args.repeat, args.annotations = 200, 1, min(args.annotations, 2000)
     args.n = args.n or LIKE[args.like][2]
 
     work = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.work))

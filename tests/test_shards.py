@@ -790,6 +790,7 @@ def test_bench_smoke():
     assert r.returncode == 0, r.stdout + r.stderr
     figures = json.loads(r.stdout.strip().splitlines()[-1])
     assert figures["images"] == 200 and figures["ratio"] > 0
+    assert figures["annotations"]["records"] == 2000 and figures["annotations"]["peak_bytes"] > 0
 
 
 def test_json_output_is_pure_json_with_progress_on_stderr(tmp_path):
