@@ -17,7 +17,7 @@ digest and content keys, and the same bytes again inside each shard's sha256 for
 ``tarfile`` adding the same files without any checks, an up-to-date rerun (annotations + image
 checks + digest, nothing written), an incremental rerun after one caption changed, and
 ``verify_shards``. ``--scaling`` times 1, 2, 4, ... worker processes. ``--annotations N`` measures the
-memory the annotation reader needs (the writer's peak, whatever the workers) on N records shaped like
+memory the annotation reader needs (part of the driver's, whatever the workers) on N records shaped like
 RSICD's (raw text, tokens and ids per sentence), against ``json.loads`` of the whole document.
 """
 

@@ -36,7 +36,8 @@ module here, next to :mod:`.karpathy` and :mod:`.generic` (build the listing wit
 below and export it. Another container for the generic record fields belongs in :mod:`.generic`.
 
 Modules: :mod:`.records` (samples, problems, shared record checks), :mod:`.corpora` (known corpora),
-:mod:`.karpathy` and :mod:`.generic` (the formats), :mod:`.images` (image checks and re-encoding).
+:mod:`.karpathy` and :mod:`.generic` (the formats), :mod:`.jsonstream` (files read a piece at a time: no
+reader holds a whole annotation file), :mod:`.images` (image checks and re-encoding).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from pathlib import Path
 from .corpora import KNOWN_CORPORA, CorpusSpec, detect_corpus
 from .generic import read_generic
 from .images import MEMBER_EXT_LEN, ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
+from .jsonstream import first_char
 from .karpathy import read_karpathy
-from .records import InputError, Listing, Problem, Sample, sample_key
+from .records import InputError, Listing, Problem, Sample, read_error, sample_key
 
 __all__ = [
     "InputError",
@@ -78,8 +80,11 @@ def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | Non
     if not path.is_file():
         raise InputError(f"{path}: annotation file not found")
     if path.suffix.lower() == ".json":
-        head = path.open("rb").read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"{"):
+        try:
+            karpathy = first_char(path) == "{"
+        except OSError as exc:
+            raise read_error(path, exc) from exc
+        if karpathy:
             return read_karpathy(path, images_dir, corpus)
     return read_generic(path, images_dir, corpus)
 

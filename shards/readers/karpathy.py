@@ -6,38 +6,62 @@ import json
 from pathlib import Path
 
 from .corpora import _check_counts, detect_corpus
-from .records import _JSON, InputError, Listing, _Builder, _decode
+from .jsonstream import JSONStream, open_text
+from .records import _JSON, InputError, Listing, _Builder, read_error
+
+
+def _fields(rec) -> tuple | str:
+    """What a record contributes: (filename, split, captions, imgid), or the type name of a record
+    that is not an object. Its dicts are dropped as soon as it is parsed."""
+    if not isinstance(rec, dict):
+        return type(rec).__name__
+    sentences = rec.get("sentences")
+    captions = [s.get("raw") if isinstance(s, dict) else s for s in sentences] if isinstance(sentences, list) else None
+    return rec.get("filename"), rec.get("split"), captions, rec.get("imgid")
 
 
 def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
-    """Read a Karpathy-layout JSON (RSICD, RSITMD, UCM, Sydney, synth)."""
+    """Read a Karpathy-layout JSON (RSICD, RSITMD, UCM, Sydney, synth).
+
+    The ``images`` list is parsed a record at a time and only each record's fields are kept: the
+    document is never held whole. Samples are built once the whole file is read, since the corpus
+    name (in every sample key) may come from a ``dataset`` field after the list, as in RSICD's."""
     path = Path(path)
-    text, sha256 = _decode(path)
+    records: list[tuple | str | None] = []
+    top: dict = {}  # the top-level object, with ``records`` as its images
     try:
-        data = _JSON.decode(text)
+        text, hashing = open_text(path)
+        with text:
+            doc = JSONStream(text, _JSON)
+            if doc.peek() != "{":
+                raise InputError(f"{path.name}: not a Karpathy-layout file (expected an object with an 'images' list)")
+            for key in doc.keys():
+                if key == "images" and doc.peek() == "[":
+                    records.clear()  # a repeated key: the last one counts, as for json.loads
+                    top[key] = records
+                    records.extend(_fields(rec) for rec in doc.elements())
+                else:
+                    top[key] = doc.value()
+            doc.end()
     except json.JSONDecodeError as exc:
         raise InputError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    del text  # parsed: not held while the samples are built
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+    except OSError as exc:
+        raise read_error(path, exc) from exc
+    if top.get("images") is not records:
         raise InputError(f"{path.name}: not a Karpathy-layout file (expected an object with an 'images' list)")
-    name, spec = detect_corpus(path, data, corpus)
-    listing = Listing(name, path.name, sha256, spec=spec)
+    name, spec = detect_corpus(path, top, corpus)
+    listing = Listing(name, path.name, hashing.sha256.hexdigest(), spec=spec)
     b = _Builder(listing, Path(images_dir).resolve(), spec.captions_per_image if spec else None)
     split_counts: dict[str, int] = {}
-    for i, rec in enumerate(data["images"]):
+    for i, fields in enumerate(records):
+        records[i] = None  # freed as its sample is built
         where = f"{path.name} record {i}"
-        if not isinstance(rec, dict):
-            b.problem(where, f"record is not an object ({type(rec).__name__})")
+        if isinstance(fields, str):
+            b.problem(where, f"record is not an object ({fields})")
             continue
-        split = rec.get("split")
+        filename, split, captions, image_id = fields
         if isinstance(split, str):
             split_counts[split] = split_counts.get(split, 0) + 1
-        sentences = rec.get("sentences")
-        captions = None
-        if isinstance(sentences, list):
-            captions = []
-            for s in sentences:
-                captions.append(s.get("raw") if isinstance(s, dict) else s)
-        b.add(where, rec.get("filename"), split, captions, rec.get("imgid"))
-    _check_counts(listing, len(data["images"]), split_counts)
+        b.add(where, filename, split, captions, image_id)
+    _check_counts(listing, len(records), split_counts)
     return listing

@@ -95,15 +95,9 @@ class Listing:
 # text helpers
 
 
-def _decode(path: Path) -> tuple[str, str]:
-    """Read a text file: its text and the sha256 of its bytes (which are not kept: a corpus's
-    annotations can be gigabytes). Invalid UTF-8 bytes survive as surrogates and are reported per
-    record."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read annotations: {exc.strerror or exc}") from exc
-    return raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), hashlib.sha256(raw).hexdigest()
+def read_error(path: Path, exc: OSError) -> InputError:
+    """The error for an annotation file that cannot be read."""
+    return InputError(f"{path}: cannot read annotations: {exc.strerror or exc}")
 
 
 def _without_tokens(obj: dict) -> dict:

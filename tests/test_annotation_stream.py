@@ -1,0 +1,140 @@
+"""Annotation files read a piece at a time: the same values and errors as reading them whole."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pytest
+
+from shards.readers import InputError, read_annotations
+from shards.readers.jsonstream import JSONStream
+
+VALID = [
+    '{"images": [{"a": 1, "b": [1, 2, {"c": null}]}, 2, 3.5e10, -12345678901234567890, "x\\u00e9\\n\\"", true,'
+    ' null, [], {}], "dataset": "rsicd"}',
+    '\n\n  {\r\n "dataset" :\t"x" ,\n "images"\n:\n[\n1234567\n,\n"caf\u00e9 \U0001f30d"\n]\n}\n\n',
+    '{"images": [1], "images": [2, 3]}',  # a repeated key: the last counts
+    "{}",
+    "[]",
+    "[1, 22, 333, 4444, 55555, 0.5, -7]",
+    '  [{"k": "v"}, "a long string that crosses many chunk boundaries", 1e-7]  ',
+    "12345",
+    '"just a string"',
+]
+
+INVALID = [
+    '{"images": [1, 2,]}',
+    '{"a": 1,}',
+    '{"a" 1}',
+    '{"a": 1 "b": 2}',
+    "{1: 2}",
+    "[1 2]",
+    '{"a": 1}\n  x',
+    '{"images": [\n  {"f": "ok"},\n  {"f": "unterminated\n]}',
+    '{"images": [\n  tru\n]}',
+    "",
+    "   \n  ",
+    '{"images": [1, 2]',
+    "[1, 2, 3",
+    '{\n "a": [1,\n 2,\n 3,, 4]}',
+]
+
+
+def _walk(text: str, chunk: int):
+    """Read ``text`` through a JSONStream as the readers do: a top-level object's lists an element at a time."""
+    doc = JSONStream(io.StringIO(text), json.JSONDecoder(), chunk_chars=chunk)
+    first = doc.peek()
+    if first == "{":
+        out = {key: list(doc.elements()) if doc.peek() == "[" else doc.value() for key in doc.keys()}
+    elif first == "[":
+        out = list(doc.elements())
+    else:
+        out = doc.value()
+    doc.end()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+def test_stream_decodes_what_json_loads_decodes_whatever_the_chunk_size(chunk):
+    for text in VALID:
+        assert _walk(text, chunk) == json.loads(text), (text, chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 1 << 20])
+def test_stream_errors_are_json_loads_errors_at_the_same_place(chunk):
+    for text in INVALID:
+        with pytest.raises(json.JSONDecodeError) as want:
+            json.loads(text)
+        with pytest.raises(json.JSONDecodeError) as got:
+            _walk(text, chunk)
+        w, g = want.value, got.value
+        assert (g.msg, g.lineno, g.colno, g.pos) == (w.msg, w.lineno, w.colno, w.pos), (text, chunk)
+
+
+def _karpathy(records: list[dict], dataset_last: bool) -> str:
+    body = json.dumps(records, indent=1)
+    return (f'{{"images": {body},\r\n "dataset": "rsicd"}}' if dataset_last
+            else f'{{"dataset": "rsicd", "images": {body}}}')
+
+
+def test_karpathy_file_is_read_whole_or_streamed_alike(tmp_path):
+    """RSICD's file names its dataset after the images list: the corpus (in every key) is still found,
+    the samples and problems equal those of the same records with the name first, and the digest
+    covers the file's bytes (a BOM included)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    records = [{"filename": f"{i:05d}.jpg", "imgid": i, "split": "train" if i % 3 else "test",
+                "sentences": [{"raw": f"scene {i} view {j}", "tokens": ["scene"]} for j in range(5)]}
+               for i in range(300)]
+    records[7] = "not an object"
+    records[9]["sentences"] = [{"raw": 5}]
+    listings = []
+    for name, last in (("first.json", False), ("last.json", True)):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + _karpathy(records, last).encode())
+        lst = read_annotations(path, images)
+        assert lst.annotations_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        listings.append(lst)
+    first, last = listings
+    assert last.corpus == first.corpus == "rsicd"
+    assert last.samples == first.samples and len(first.samples) == 298
+    assert first.samples[0].key == "rsicd_00000" and first.samples[0].captions[4] == "scene 0 view 4"
+    assert [str(p) for p in first.problems] == ["first.json record 7: record is not an object (str)",
+                                                "00009.jpg: caption 1 is not text (int)"]
+    assert [p.reason for p in last.problems] == [p.reason for p in first.problems]
+
+
+def test_invalid_json_names_the_file_line_and_column(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    path = tmp_path / "dataset_rsicd.json"
+    path.write_text('{"images": [\n  {"filename": "a.jpg"},\n  {"filename": "b.jpg",}\n]}')
+    with pytest.raises(InputError, match=r"^dataset_rsicd.json: invalid JSON at line 3 column 24: Expecting property"):
+        read_annotations(path, images)
+    listed = tmp_path / "ann.json"
+    listed.write_text('[{"image": "a.jpg", "caption": "x"},\n {"image": "b.jpg" "caption": "y"}]')
+    with pytest.raises(InputError, match=r"^ann.json: invalid JSON at line 2 column 20: Expecting ','"):
+        read_annotations(listed, images)
+
+
+def test_generic_files_are_read_line_by_line_with_the_same_results(tmp_path):
+    """JSONL with CRLF endings and a U+2028 inside a caption (a line break for str.splitlines, not
+    for a JSONL file), a JSON list and a CSV with a quoted multi-line caption."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [{"image": f"p{i}.png", "captions": [f"caption {i}\u2028more"], "split": "train"} for i in range(50)]
+    jsonl = tmp_path / "ann.jsonl"
+    jsonl.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    listed = tmp_path / "ann.json"
+    listed.write_text(json.dumps(rows))
+    got = [read_annotations(p, images, corpus="c") for p in (jsonl, listed)]
+    for lst, path in zip(got, (jsonl, listed)):
+        assert not lst.problems, lst.problems
+        assert [s.captions for s in lst.samples] == [(f"caption {i}\u2028more",) for i in range(50)]
+        assert lst.annotations_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    csv_path = tmp_path / "ann.csv"
+    csv_path.write_text('image,caption\r\np0.png,"two\r\nlines"\r\np1.png,plain\r\n', newline="")
+    lst = read_annotations(csv_path, images)
+    assert [(s.filename, s.captions) for s in lst.samples] == [("p0.png", ("two\r\nlines",)), ("p1.png", ("plain",))]
