@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 __all__ = ["Executor", "process_pool", "thread_pool", "ray_executor", "progress_bar"]
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "img"):
     """A tqdm bar on stderr (disabled: a no-op bar)."""
     from tqdm import tqdm
 

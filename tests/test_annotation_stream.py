@@ -94,8 +94,10 @@ def test_karpathy_file_is_read_whole_or_streamed_alike(tmp_path):
     for name, last in (("first.json", False), ("last.json", True)):
         path = tmp_path / name
         path.write_bytes(b"\xef\xbb\xbf" + _karpathy(records, last).encode())
-        lst = read_annotations(path, images)
+        read: list[int] = []
+        lst = read_annotations(path, images, on_read=read.append)
         assert lst.annotations_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sum(read) == path.stat().st_size  # what a progress bar is told
         listings.append(lst)
     first, last = listings
     assert last.corpus == first.corpus == "rsicd"
@@ -129,8 +131,10 @@ def test_generic_files_are_read_line_by_line_with_the_same_results(tmp_path):
     jsonl.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
     listed = tmp_path / "ann.json"
     listed.write_text(json.dumps(rows))
-    got = [read_annotations(p, images, corpus="c") for p in (jsonl, listed)]
-    for lst, path in zip(got, (jsonl, listed)):
+    for path in (jsonl, listed):
+        read: list[int] = []
+        lst = read_annotations(path, images, corpus="c", on_read=read.append)
+        assert sum(read) == path.stat().st_size
         assert not lst.problems, lst.problems
         assert [s.captions for s in lst.samples] == [(f"caption {i}\u2028more",) for i in range(50)]
         assert lst.annotations_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -769,7 +769,7 @@ def test_gc_is_paused_while_writing_and_restored_after(tmp_path, monkeypatch):
     ann, images, _ = _good_corpus(tmp_path)
     seen = []
     read = writer.read_annotations
-    monkeypatch.setattr(writer, "read_annotations", lambda *a: seen.append(gc.isenabled()) or read(*a))
+    monkeypatch.setattr(writer, "read_annotations", lambda *a, **k: seen.append(gc.isenabled()) or read(*a, **k))
     assert gc.isenabled()
     write_shards(ann, images, str(tmp_path / "a"), progress=False)
     assert seen == [False] and gc.isenabled()
@@ -806,7 +806,7 @@ def test_json_output_is_pure_json_with_progress_on_stderr(tmp_path):
     rc, summary, err = msa(str(ann), "--images", str(images), "--out", str(out), "--shard-size", "2")
     assert rc == 0 and summary["status"] == "written" and summary["digest"] == read_manifest(str(out)).digest
     assert summary["splits"]["train"]["images"] == 6 and summary["shards_rewritten"] == len(read_manifest(str(out)).shards())
-    assert "check" in err and "write" in err and "written: " in err  # progress bars and the report, on stderr
+    assert all(bar in err for bar in ("annotations", "check", "write", "written: "))  # bars and report, on stderr
     rc, report, err = msa("verify", str(out))
     assert rc == 0 and report["ok"] and report["checked"] == summary["shards_rewritten"] and "verify" in err
     next(out.glob("train/*.tar")).write_bytes(b"\0" * 1024)

@@ -47,7 +47,7 @@ from pathlib import Path
 from .corpora import KNOWN_CORPORA, CorpusSpec, detect_corpus
 from .generic import read_generic
 from .images import MEMBER_EXT_LEN, ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
-from .jsonstream import first_char
+from .jsonstream import OnRead, first_char
 from .karpathy import read_karpathy
 from .records import InputError, Listing, Problem, Sample, read_error, sample_key
 
@@ -73,9 +73,11 @@ __all__ = [
 ]
 
 
-def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
+def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | None = None, *,
+                     on_read: OnRead | None = None) -> Listing:
     """Read any supported layout: ``.json`` holding an ``images`` object -> Karpathy, otherwise
-    generic (JSON list, ``.jsonl``, ``.csv``, ``.tsv``)."""
+    generic (JSON list, ``.jsonl``, ``.csv``, ``.tsv``). ``on_read(n)`` is told of each ``n`` bytes
+    read (a progress bar's ``update``: a corpus of millions of records takes minutes to read)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: annotation file not found")
@@ -85,6 +87,6 @@ def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | Non
         except OSError as exc:
             raise read_error(path, exc) from exc
         if karpathy:
-            return read_karpathy(path, images_dir, corpus)
-    return read_generic(path, images_dir, corpus)
+            return read_karpathy(path, images_dir, corpus, on_read=on_read)
+    return read_generic(path, images_dir, corpus, on_read=on_read)
 

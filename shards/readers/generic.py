@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .corpora import _check_counts, detect_corpus
-from .jsonstream import JSONStream, first_char, open_text
+from .jsonstream import JSONStream, OnRead, first_char, open_text
 from .records import _JSON, InputError, Listing, _Builder, read_error
 
 _IMAGE_FIELDS = ("filename", "image", "path", "filepath", "file", "image_path")
@@ -44,7 +44,8 @@ def _jsonl_records(lines: Iterable[str], name: str, b: _Builder) -> Iterator[tup
             b.problem(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
-def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
+def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = None, *,
+                 on_read: OnRead | None = None) -> Listing:
     """Read a generic JSONL, JSON-list, CSV or TSV annotation file (see module docstring). The file is
     read a line (JSONL, CSV) or a record (JSON list) at a time."""
     path = Path(path)
@@ -54,7 +55,7 @@ def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = 
     suffix = path.suffix.lower()
     split_counts: dict[str, int] = {}
     try:
-        text, hashing = open_text(path)
+        text, hashing = open_text(path, on_read)
         with text:
             if suffix in (".csv", ".tsv"):
                 _read_csv(text, path.name, b, split_counts)

@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
@@ -19,11 +19,15 @@ _NUMBER_TAIL = re.compile(r"[0-9+\-.eE]*\Z")  # what a number cut by the buffer'
 _MAX_VALUE_CHARS = 64 << 20  # a value that fails to decode with this much text after its start is invalid
 
 
-class _HashingReader(io.RawIOBase):
-    """A binary file that updates a sha256 with every byte read from it."""
+OnRead = Callable[[int], None]  # told how many more bytes of the file were read (a progress bar's update)
 
-    def __init__(self, raw: IO[bytes]):
+
+class _HashingReader(io.RawIOBase):
+    """A binary file that updates a sha256 with every byte read from it (and tells ``on_read``)."""
+
+    def __init__(self, raw: IO[bytes], on_read: OnRead | None = None):
         self._raw = raw
+        self._on_read = on_read
         self.sha256 = hashlib.sha256()
 
     def readable(self) -> bool:
@@ -32,6 +36,8 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, b) -> int:
         n = self._raw.readinto(b)
         self.sha256.update(memoryview(b)[:n])
+        if self._on_read is not None:
+            self._on_read(n)
         return n
 
     def close(self) -> None:
@@ -39,11 +45,11 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def open_text(path) -> tuple[io.TextIOWrapper, _HashingReader]:
+def open_text(path, on_read: OnRead | None = None) -> tuple[io.TextIOWrapper, _HashingReader]:
     """``path`` as text (UTF-8, a leading BOM dropped, invalid bytes kept as surrogates for the
     per-record checks to report, line endings as written, which ``csv`` needs) and the reader whose
     ``sha256`` covers the bytes read so far."""
-    hashing = _HashingReader(open(path, "rb"))  # noqa: SIM115 -- closed with the wrapper
+    hashing = _HashingReader(open(path, "rb"), on_read)  # noqa: SIM115 -- closed with the wrapper
     text = io.TextIOWrapper(io.BufferedReader(hashing, 1 << 20), encoding="utf-8-sig", errors="surrogateescape",
                             newline="")
     return text, hashing

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .corpora import _check_counts, detect_corpus
-from .jsonstream import JSONStream, open_text
+from .jsonstream import JSONStream, OnRead, open_text
 from .records import _JSON, InputError, Listing, _Builder, read_error
 
 
@@ -20,7 +20,8 @@ def _fields(rec) -> tuple | str:
     return rec.get("filename"), rec.get("split"), captions, rec.get("imgid")
 
 
-def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None = None) -> Listing:
+def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None = None, *,
+                  on_read: OnRead | None = None) -> Listing:
     """Read a Karpathy-layout JSON (RSICD, RSITMD, UCM, Sydney, synth).
 
     The ``images`` list is parsed a record at a time and only each record's fields are kept: the
@@ -30,7 +31,7 @@ def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None =
     records: list[tuple | str | None] = []
     top: dict = {}  # the top-level object, with ``records`` as its images
     try:
-        text, hashing = open_text(path)
+        text, hashing = open_text(path, on_read)
         with text:
             doc = JSONStream(text, _JSON)
             if doc.peek() != "{":
