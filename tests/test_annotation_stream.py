@@ -139,6 +139,7 @@ def test_generic_files_are_read_line_by_line_with_the_same_results(tmp_path):
         assert [s.captions for s in lst.samples] == [(f"caption {i}\u2028more",) for i in range(50)]
         assert lst.annotations_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     csv_path = tmp_path / "ann.csv"
-    csv_path.write_text('image,caption\r\np0.png,"two\r\nlines"\r\np1.png,plain\r\n', newline="")
+    csv_path.write_text('image,caption\r\np0.png,"two\r\nlines"\r\np1.png,plain\r\np2.png,x,extra\r\n', newline="")
     lst = read_annotations(csv_path, images)
     assert [(s.filename, s.captions) for s in lst.samples] == [("p0.png", ("two\r\nlines",)), ("p1.png", ("plain",))]
+    assert [str(p) for p in lst.problems] == ["ann.csv line 5: more fields than header columns"]  # lines, not rows

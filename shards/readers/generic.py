@@ -106,8 +106,10 @@ def _read_csv(text, name: str, b: _Builder, split_counts: dict[str, int]) -> Non
     if "captions" not in cols and not any(c in cols for c in _CAPTION_FIELDS):
         raise InputError(f"{name}: no caption column (captions or one of {', '.join(_CAPTION_FIELDS)})")
     groups: dict[object, dict] = {}
-    for lineno, row in enumerate(reader, start=2):
-        where = f"{name} line {lineno}"
+    first_line = reader.line_num + 1  # a row's own: a quoted field may span lines
+    for row in reader:
+        where = f"{name} line {first_line}"
+        first_line = reader.line_num + 1
         if None in row:  # more fields than header columns
             b.problem(where, "more fields than header columns")
             continue
