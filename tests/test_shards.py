@@ -182,10 +182,14 @@ def test_skip_mode_quarantines_exactly_the_bad_samples(tmp_path):
 def test_invalid_json_and_schema_are_fatal(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    bad_json = tmp_path / "dataset_rsicd.json"
-    bad_json.write_text('{"images": [1, 2,]}')
-    with pytest.raises(InputError, match=r"dataset_rsicd.json: invalid JSON at line 1"):
+    bad_json = tmp_path / "dataset_rsicd.json"  # the file's line and column, though it is read a piece at a time
+    bad_json.write_text('{"images": [\n  {"filename": "a.jpg"},\n  {"filename": "b.jpg",}\n]}')
+    with pytest.raises(InputError, match=r"^dataset_rsicd.json: invalid JSON at line 3 column 24: Expecting property"):
         read_annotations(bad_json, images)
+    bad_list = tmp_path / "ann.json"
+    bad_list.write_text('[{"image": "a.jpg", "caption": "x"},\n {"image": "b.jpg" "caption": "y"}]')
+    with pytest.raises(InputError, match=r"^ann.json: invalid JSON at line 2 column 20: Expecting ','"):
+        read_annotations(bad_list, images)
     bad_schema = tmp_path / "dataset.json"
     bad_schema.write_text('{"pictures": []}')
     with pytest.raises(InputError, match=r"dataset.json: not a Karpathy-layout file"):
