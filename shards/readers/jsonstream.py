@@ -99,7 +99,7 @@ class JSONStream:
         self._buf, self._pos = self._buf[self._pos:] + more, 0
         return True
 
-    def error(self, msg: str, pos: int | None = None) -> json.JSONDecodeError:
+    def _error(self, msg: str, pos: int | None = None) -> json.JSONDecodeError:
         """``msg`` at ``pos`` in the buffer (default: the current position), placed in the whole file."""
         pos = self._pos if pos is None else pos
         nl = self._buf.rfind("\n", 0, pos)
@@ -121,7 +121,7 @@ class JSONStream:
 
     def _take(self, char: str, msg: str) -> None:
         if self.peek() != char:
-            raise self.error(msg)
+            raise self._error(msg)
         self._pos += 1
 
     def value(self):
@@ -134,7 +134,7 @@ class JSONStream:
             except json.JSONDecodeError as exc:
                 if len(self._buf) - self._pos < _MAX_VALUE_CHARS and self._fill(len(self._buf) - self._pos):
                     continue
-                raise self.error(exc.msg, exc.pos) from None
+                raise self._error(exc.msg, exc.pos) from None
             if isinstance(obj, int | float) and _NUMBER_TAIL.match(self._buf, end) and self._fill():
                 continue
             self._pos = end
@@ -149,7 +149,7 @@ class JSONStream:
             return
         while True:
             if self.peek() != '"':
-                raise self.error("Expecting property name enclosed in double quotes")
+                raise self._error("Expecting property name enclosed in double quotes")
             key = self.value()
             self._take(":", "Expecting ':' delimiter")
             yield key
@@ -174,4 +174,4 @@ class JSONStream:
     def end(self) -> None:
         """Check that only whitespace follows the document."""
         if self.peek():
-            raise self.error("Extra data")
+            raise self._error("Extra data")
