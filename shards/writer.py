@@ -348,7 +348,7 @@ def write_shards(
     if ray_address is not None and workers > 1:
         raise ValueError("workers and ray_address exclude each other (Ray runs a task per CPU of its cluster)")
 
-    size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # else read_annotations says
+    size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: read_annotations raises
     with progress_bar(size, "annotations", progress, unit="B") as bar:
         listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update)
     samples = listing.samples

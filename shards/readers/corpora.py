@@ -77,6 +77,12 @@ def detect_corpus(path: str | Path, data: dict | None = None, corpus: str | None
     return corpus_slug(stem), None
 
 
+def _count_split(split_counts: dict[str, int], split) -> None:
+    """Count a record's split for :func:`_check_counts` (a split that is not text is a problem elsewhere)."""
+    if isinstance(split, str):
+        split_counts[split] = split_counts.get(split, 0) + 1
+
+
 def _check_counts(listing: Listing, n_records: int, split_counts: dict[str, int]) -> None:
     spec = listing.spec
     if spec is None:

@@ -7,9 +7,9 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .corpora import _check_counts, detect_corpus
+from .corpora import _check_counts, _count_split, detect_corpus
 from .jsonstream import JSONStream, OnRead, first_char, open_text
-from .records import _JSON, InputError, Listing, _Builder, read_error
+from .records import _JSON, InputError, Listing, _Builder, json_error, read_error
 
 _IMAGE_FIELDS = ("filename", "image", "path", "filepath", "file", "image_path")
 _CAPTION_FIELDS = ("caption", "text", "title", "sentence")
@@ -69,11 +69,6 @@ def read_generic(path: str | Path, images_dir: str | Path, corpus: str | None = 
     return listing
 
 
-def _count(split_counts: dict[str, int], split) -> None:
-    if isinstance(split, str):
-        split_counts[split] = split_counts.get(split, 0) + 1
-
-
 def _read_json_records(text, name: str, listed: bool, b: _Builder, split_counts: dict[str, int]) -> None:
     """JSONL (a record a line; a bad line is a problem) or a JSON list (invalid JSON is fatal)."""
     if listed:
@@ -89,12 +84,12 @@ def _read_json_records(text, name: str, listed: bool, b: _Builder, split_counts:
                 b.problem(where, f"record is not an object ({type(rec).__name__})")
                 continue
             fname, caps, split, image_id = _record_fields(rec)
-            _count(split_counts, split)
+            _count_split(split_counts, split)
             b.add(where, fname, split, caps, image_id)
         if listed:
             doc.end()
     except json.JSONDecodeError as exc:
-        raise InputError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise json_error(name, exc) from exc
 
 
 def _read_csv(text, name: str, b: _Builder, split_counts: dict[str, int]) -> None:
@@ -126,7 +121,7 @@ def _read_csv(text, name: str, b: _Builder, split_counts: dict[str, int]) -> Non
         if g is None:
             groups[key] = {"where": where, "fname": fname, "caps": list(caps) if isinstance(caps, list) else caps,
                            "split": split, "image_id": image_id}
-            _count(split_counts, split)
+            _count_split(split_counts, split)
         elif g["split"] != split:
             b.problem(str(key), f"listed in split {g['split']!r} ({g['where']}) and {split!r} ({where})")
             g["conflict"] = True

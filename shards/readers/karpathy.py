@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .corpora import _check_counts, detect_corpus
+from .corpora import _check_counts, _count_split, detect_corpus
 from .jsonstream import JSONStream, OnRead, open_text
-from .records import _JSON, InputError, Listing, _Builder, read_error
+from .records import _JSON, InputError, Listing, _Builder, json_error, read_error
 
 
 def _fields(rec) -> tuple | str:
@@ -34,18 +34,17 @@ def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None =
         text, hashing = open_text(path, on_read)
         with text:
             doc = JSONStream(text, _JSON)
-            if doc.peek() != "{":
-                raise InputError(f"{path.name}: not a Karpathy-layout file (expected an object with an 'images' list)")
-            for key in doc.keys():
-                if key == "images" and doc.peek() == "[":
-                    records.clear()  # a repeated key: the last one counts, as for json.loads
-                    top[key] = records
-                    records.extend(_fields(rec) for rec in doc.elements())
-                else:
-                    top[key] = doc.value()
-            doc.end()
+            if doc.peek() == "{":  # anything else is not Karpathy-layout (below)
+                for key in doc.keys():
+                    if key == "images" and doc.peek() == "[":
+                        records.clear()  # a repeated key: the last one counts, as for json.loads
+                        top[key] = records
+                        records.extend(_fields(rec) for rec in doc.elements())
+                    else:
+                        top[key] = doc.value()
+                doc.end()
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path.name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise json_error(path.name, exc) from exc
     except OSError as exc:
         raise read_error(path, exc) from exc
     if top.get("images") is not records:
@@ -61,8 +60,7 @@ def read_karpathy(path: str | Path, images_dir: str | Path, corpus: str | None =
             b.problem(where, f"record is not an object ({fields})")
             continue
         filename, split, captions, image_id = fields
-        if isinstance(split, str):
-            split_counts[split] = split_counts.get(split, 0) + 1
+        _count_split(split_counts, split)
         b.add(where, filename, split, captions, image_id)
     _check_counts(listing, len(records), split_counts)
     return listing

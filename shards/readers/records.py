@@ -100,6 +100,11 @@ def read_error(path: Path, exc: OSError) -> InputError:
     return InputError(f"{path}: cannot read annotations: {exc.strerror or exc}")
 
 
+def json_error(name: str, exc: json.JSONDecodeError) -> InputError:
+    """The error for an annotation file that is not valid JSON, at its line and column."""
+    return InputError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+
+
 def _without_tokens(obj: dict) -> dict:
     obj.pop("tokens", None)
     return obj
