@@ -139,6 +139,7 @@ class _Builder:
     def __init__(self, listing: Listing, images_dir: Path, expected_captions: int | None):
         self.listing = listing
         self.images_dir = str(images_dir)
+        self.images_prefix = os.path.join(self.images_dir, "")  # + a plain file name: its path
         self.expected_captions = expected_captions
         self.seen_files: dict[str, str] = {}
         self.seen_keys: dict[str, str] = {}
@@ -166,7 +167,7 @@ class _Builder:
                 self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
                 return
             self.valid_splits.add(split)
-        if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
+        if filename.startswith(("/", "\\")) or (filename[1:2] == ":" and _DRIVE.match(filename)):
             self.problem(src, "absolute image path escapes the image folder", split)
             return
         if "/" in filename or "\\" in filename or filename == ".":
@@ -184,22 +185,12 @@ class _Builder:
         if not isinstance(captions, list):
             self.problem(src, "no captions (missing or not a list)", split, key)
             return
-        texts: list[str] = []
-        blank = 0
-        for i, c in enumerate(captions):
-            if not isinstance(c, str):
-                what = "is missing" if c is None else f"is not text ({type(c).__name__})"
-                self.problem(src, f"caption {i + 1} {what}", split, key)
+        texts = _plain_captions(captions)
+        if texts is None:  # not all ASCII text: checked one by one
+            texts = self._captions(src, split, key, captions)
+            if texts is None:
                 return
-            bad = None if c.isascii() else _bad_text(c)
-            if bad:
-                self.problem(src, f"caption {i + 1} is not valid UTF-8 ({bad})", split, key)
-                return
-            c = c.strip()
-            if c:
-                texts.append(c)
-            else:
-                blank += 1
+        blank = len(captions) - len(texts)
         if not texts:
             self.problem(src, "no captions (empty list or only blank captions)", split, key)
             return
@@ -217,5 +208,33 @@ class _Builder:
             L.warnings.append(f"{src}: {len(texts)} captions, {L.corpus} expects {self.expected_captions}")
         if image_id is None or isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
             image_id = parts[-1].rsplit(".", 1)[0] if "." in parts[-1] else parts[-1]
-        L.samples.append(Sample(L.corpus, key, split, filename, os.path.join(self.images_dir, *parts),
-                                tuple(texts), image_id))
+        image_path = self.images_prefix + rel if len(parts) == 1 else os.path.join(self.images_dir, *parts)
+        L.samples.append(Sample(L.corpus, key, split, filename, image_path, tuple(texts), image_id))
+
+    def _captions(self, src: str, split: str, key: str, captions: list) -> list[str] | None:
+        """The non-blank captions, stripped; None after reporting the first one that is not valid text."""
+        texts: list[str] = []
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                what = "is missing" if c is None else f"is not text ({type(c).__name__})"
+                self.problem(src, f"caption {i + 1} {what}", split, key)
+                return None
+            bad = None if c.isascii() else _bad_text(c)
+            if bad:
+                self.problem(src, f"caption {i + 1} is not valid UTF-8 ({bad})", split, key)
+                return None
+            if c := c.strip():
+                texts.append(c)
+        return texts
+
+
+def _plain_captions(captions: list) -> list[str] | None:
+    """The non-blank captions, stripped, when all are ASCII text (the common case, checked in a few
+    C calls); else None."""
+    try:
+        if not "".join(captions).isascii():
+            return None
+    except TypeError:  # something that is not text
+        return None
+    texts = [c.strip() for c in captions]
+    return texts if all(texts) else [c for c in texts if c]
