@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from PIL import Image
 
 from shards import cli
 from shards.manifest import read_manifest, verify_shards
-from shards.readers import InputError, read_annotations, sample_key
+from shards.plan import sample_json
+from shards.readers import InputError, Sample, read_annotations, sample_key
 from shards.shardfile import Member
 from shards.writer import write_shards
 
@@ -177,6 +179,24 @@ def test_skip_mode_quarantines_exactly_the_bad_samples(tmp_path):
             for member in tarfile.open(url).getnames()}
     assert keys == {sample_key("synth", r["filename"]) for r in good}
     assert verify_shards(str(out)).ok
+
+
+def test_captions_are_stripped_and_blank_ones_dropped_with_a_warning(tmp_path):
+    """All-ASCII captions (checked a record at a time) and the others (one by one) are cleaned alike;
+    a plain file name and one written with a leading ``./`` give their path in the image folder."""
+    images = tmp_path / "images"
+    images.mkdir()
+    records = [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": r} for r in (" x ", " ", "y\t", "")]},
+               {"filename": "b.jpg", "split": "train", "sentences": [{"raw": r} for r in (" caf\u00e9 ", "\n", "z")]},
+               {"filename": "./c.jpg", "split": "train", "sentences": [{"raw": r} for r in ("\u2028", " w")]}]
+    ann = tmp_path / "dataset_c.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "c"}))
+    listing = read_annotations(ann, images)
+    assert [s.captions for s in listing.samples] == [("x", "y"), ("caf\u00e9", "z"), ("w",)]
+    assert listing.warnings == [f"{name}: dropped {n} blank caption(s)" for name, n in
+                                (("a.jpg", 2), ("b.jpg", 1), ("./c.jpg", 1))]
+    assert [s.image_path for s in listing.samples] == [str(images.resolve() / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    assert not listing.problems
 
 
 def test_invalid_json_and_schema_are_fatal(tmp_path):
@@ -442,6 +462,24 @@ def test_planned_bytes_are_the_archives_with_long_member_names(tmp_path):
             assert planned.tar_bytes() == end, (shard.name, len(image.name))
         lengths += [len(image.name), len(meta.name)]
     assert min(lengths) <= 100 < max(lengths) and 100 in lengths and 101 in lengths
+
+
+def test_json_member_is_what_json_dumps_writes():
+    """The json member, assembled by hand for speed, is byte for byte json.dumps of the sample's
+    fields with sorted keys and ensure_ascii=False: quotes, escapes, controls, non-ASCII, U+2028,
+    astral characters, integer and text ids."""
+    rng = random.Random(0)
+    chars = ['a', '"', "\\", "\n", "\x00", "\x1f", "\x7f", "\u00e9", "\u2028", "\U0001f30d", "/", " ", "\x85"]
+
+    def text() -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, 8)))
+
+    for _ in range(2000):
+        s = Sample(text(), "k", text(), text(), "", tuple(text() for _ in range(rng.randint(0, 6))),
+                   rng.choice([rng.randint(-10**20, 10**20), text()]))
+        fields = {"captions": list(s.captions), "corpus": s.corpus, "filename": s.filename, "image_id": s.image_id,
+                  "split": s.split}
+        assert sample_json(s) == json.dumps(fields, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
 
 
 def test_two_runs_are_byte_identical_whatever_the_workers(tmp_path):
