@@ -11,7 +11,9 @@ Prints images/s for ``write_shards`` (in-process, first write into an empty fold
 ``tar -cf`` (a subprocess) of the same files, each the best of ``--repeat`` runs, and their ratio;
 the target is a ratio within 2x when no --resize is given. ``write_shards`` also prints its CPU
 seconds: in-process it hashes each shard in a second thread and, for images of 64 KB or more, checks
-them in two threads, so it may use more than one core where ``tar`` uses one. For scale it also
+them in two threads, so it may use more than one core where ``tar`` uses one. With ``--workers`` it
+also prints the CPU time per image in this process (the driver: annotations, plan, task traffic), work
+no cluster shares out, and so the most any number of workers can speed the run up. For scale it also
 times reading and hashing every file as the writer does, on one core (BLAKE3 image digests for the source
 digest and content keys, and the same bytes again inside each shard's sha256 for the manifest), Python's own
 ``tarfile`` adding the same files without any checks, an up-to-date rerun (annotations + image
@@ -255,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"write_shards : {t_shards:7.3f} s  {n / t_shards:9.0f} images/s  (check + write + manifest; "
               f"{cpu_here:.3f} CPU-s in this process" + (f", {cpu_workers:.3f} in its workers)" if args.workers > 1
                                                           else ")"))
+        if args.workers > 1:  # what the driver does alone, whatever the cluster, bounds the speedup (Amdahl)
+            print(f"driver       : {cpu_here / n * 1e6:7.1f} us/image serial in this process, "
+                  f"{cpu_workers / n * 1e6:.1f} in its workers: any number of workers runs this at most "
+                  f"{(cpu_here + cpu_workers) / cpu_here:.1f}x faster than one core")
         print(f"ratio        : {ratio:7.2f}x tar's time" + ("" if args.resize else
                                                             f"  (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})"))
         print(f"rerun        : {t_rerun:7.3f} s  (up to date, nothing written)")
