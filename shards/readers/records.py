@@ -167,7 +167,7 @@ class _Builder:
                 self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
                 return
             self.valid_splits.add(split)
-        if filename.startswith(("/", "\\")) or (filename[1:2] == ":" and _DRIVE.match(filename)):
+        if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
             self.problem(src, "absolute image path escapes the image folder", split)
             return
         if "/" in filename or "\\" in filename or filename == ".":
