@@ -79,9 +79,10 @@ EXPECTED_PROBLEMS = {
     ("/etc/hostname", "absolute image path"),
     ("badutf8.jpg", "not valid UTF-8"),
     ("badsplit.jpg", "invalid split"),
+    ("listsplit.jpg", "invalid split"),
     ("nosplit.jpg", "missing split"),
-    ("dataset_synth.json record 25", "record is not an object"),
-    ("dataset_synth.json record 26", "missing or empty image filename"),
+    ("dataset_synth.json record 26", "record is not an object"),
+    ("dataset_synth.json record 27", "missing or empty image filename"),
 }
 
 
@@ -91,7 +92,7 @@ def _bad_corpus(root: Path) -> tuple[Path, Path, list[dict]]:
     (images / "garbage.jpg").write_bytes(os.urandom(300))
     full = _image_bytes(99, "jpg", 32)
     (images / "truncated.jpg").write_bytes(full[: len(full) // 2])
-    for name in ("nocaps.jpg", "nosentences.jpg", "blankcaps.jpg", "badutf8.jpg", "badsplit.jpg", "nosplit.jpg"):
+    for name in ("nocaps.jpg", "nosentences.jpg", "blankcaps.jpg", "badutf8.jpg", "badsplit.jpg", "listsplit.jpg", "nosplit.jpg"):
         (images / name).write_bytes(_image_bytes(len(name), "jpg"))
     (root / "outside.jpg").write_bytes(_image_bytes(7, "jpg"))  # exists, but outside the image folder
     bad = [
@@ -108,10 +109,11 @@ def _bad_corpus(root: Path) -> tuple[Path, Path, list[dict]]:
         {"filename": "badutf8.jpg", "imgid": 110, "split": "train",
          "sentences": [{"raw": "fine caption"}, {"raw": "BAD__BYTES here"}]},
         _record(111, "badsplit.jpg", "train/../x"),
+        _record(113, "listsplit.jpg", ["train"]),  # not text (nor hashable)
         {"filename": "nosplit.jpg", "imgid": 112, "sentences": [{"raw": "a caption"}]},
     ]
     records = good + bad
-    assert len(records) == 25  # records 25 and 26 follow
+    assert len(records) == 26  # records 26 and 27 follow
     records += ["not an object", {"imgid": 121, "split": "train", "sentences": [{"raw": "x"}]}]
     text = json.dumps({"images": records, "dataset": "synth"})
     ann.write_bytes(text.encode().replace(b"BAD__BYTES", b"caf\xe9 \xff"))  # latin-1 bytes: invalid UTF-8

@@ -143,7 +143,7 @@ class _Builder:
         self.expected_captions = expected_captions
         self.seen_files: dict[str, str] = {}
         self.seen_keys: dict[str, str] = {}
-        self.valid_splits: set[str] = set()  # split names already checked
+        self.splits: dict[str, str] = {}  # split names already checked, each to the one string its samples share
 
     def problem(self, source: str, reason: str, split: str | None = None, key: str | None = None):
         self.listing.problems.append(Problem(source, reason, split, key))
@@ -162,11 +162,13 @@ class _Builder:
         if split is None:
             self.problem(src, "missing split")
             return
-        if split not in self.valid_splits:
+        known = self.splits.get(split) if isinstance(split, str) else None
+        if known is None:
             if not (isinstance(split, str) and SPLIT_RE.match(split)):
                 self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
                 return
-            self.valid_splits.add(split)
+            self.splits[split] = known = split
+        split = known
         if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
             self.problem(src, "absolute image path escapes the image folder", split)
             return
