@@ -18,9 +18,11 @@ times reading and hashing every file as the writer does, on one core (BLAKE3 ima
 digest and content keys, and the same bytes again inside each shard's sha256 for the manifest), Python's own
 ``tarfile`` adding the same files without any checks, an up-to-date rerun (annotations + image
 checks + digest, nothing written), an incremental rerun after one caption changed, and
-``verify_shards``. ``--scaling`` times 1, 2, 4, ... worker processes. ``--annotations N`` measures the
-memory the annotation reader needs (part of the driver's, whatever the workers) on N records shaped like
-RSICD's (raw text, tokens and ids per sentence), against ``json.loads`` of the whole document.
+``verify_shards``. ``--scaling`` times 1, 2, 4, ... worker processes. ``--driver-memory`` traces one
+more write (with ``--workers``: the driver's objects only) and prints its peak bytes a sample, what grows
+with the corpus. ``--annotations N`` measures the memory the annotation reader needs (part of the
+driver's, whatever the workers) on N records shaped like RSICD's (raw text, tokens and ids per
+sentence), against ``json.loads`` of the whole document.
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time 1, 2, 4, ... workers up to the CPUs available (throughput against workers)")
     ap.add_argument("--annotations", type=int, default=50_000, metavar="N",
                     help="records for the annotation reader's memory figure (default: 50000; 0: skip it)")
+    ap.add_argument("--driver-memory", action="store_true",
+                    help="also trace one more write (tracemalloc: slower) and print its peak bytes a sample")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args(argv)
     if args.small:
@@ -278,10 +282,23 @@ def main(argv: list[str] | None = None) -> int:
                 scaling[w] = n / t_w
                 print(f"workers {w:<4} : {t_w:7.3f} s  {n / t_w:9.0f} images/s  ({scaling[w] / scaling[1]:.2f}x "
                       "one worker)")
+        driver_peak = None
+        if args.driver_memory:  # traced apart: tracemalloc slows the run
+            gc.disable()  # as write_shards runs
+            tracemalloc.start()
+            try:
+                write_shards(ann, images, str(fresh("shards-traced")), workers=args.workers, resize=args.resize,
+                             shard_size=args.shard_size, progress=False)
+                driver_peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+                gc.enable()
+            kept = " (in-process: with image bytes kept for the write, up to 512 MB)" if args.workers == 1 else ""
+            print(f"driver mem   : peak {driver_peak / n:7.0f} bytes a sample traced in this process{kept}")
         memory = annotation_memory(args.annotations, work) if args.annotations else None
         if args.json:
             print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "hash_s": t_hash, "pytar_s": t_pytar,
-                              "shards_s": t_shards, "annotations": memory,
+                              "shards_s": t_shards, "annotations": memory, "driver_peak_bytes": driver_peak,
                               "shards_cpu_s": cpu_here, "shards_workers_cpu_s": cpu_workers, "ratio": ratio,
                               "rerun_s": t_rerun, "incremental_s": t_incr,
                               "verify_s": t_verify, "workers": args.workers, "cpus": os.cpu_count(),

@@ -54,18 +54,16 @@ def cut(hashes: Sequence[int], sizes: Sequence[int], shard_size: int, shard_byte
     ``(label, lo, hi)``: the leaf holds samples ``lo:hi``. Leaves come in h order."""
     total = [0, *itertools.accumulate(sizes)]
     leaves: list[tuple[str, int, int]] = []
-
-    def visit(depth: int, prefix: int, lo: int, hi: int) -> None:
+    stack = [(0, 0, 0, len(hashes))]  # (depth, prefix, lo, hi), the leftmost node on top: leaves come in h order
+    while stack:  # a loop, not a recursive closure: that would be a cycle, kept alive while the writer pauses the GC
+        depth, prefix, lo, hi = stack.pop()
         n = hi - lo
         if n == 0:
-            return
+            continue
         if n == 1 or depth == HASH_BITS or (n <= shard_size and total[hi] - total[lo] + END_BYTES <= shard_bytes):
             leaves.append((leaf_label(depth, prefix), lo, hi))
-            return
+            continue
         right = (prefix << 1) | 1
         mid = bisect.bisect_left(hashes, right << (HASH_BITS - depth - 1), lo, hi)
-        visit(depth + 1, prefix << 1, lo, mid)
-        visit(depth + 1, right, mid, hi)
-
-    visit(0, 0, 0, len(hashes))
+        stack += [(depth + 1, right, mid, hi), (depth + 1, prefix << 1, lo, mid)]
     return leaves

@@ -4,7 +4,6 @@ which of a previous set's shards can stay (:mod:`shards.assign` decides where ea
 from __future__ import annotations
 
 import itertools
-import json
 from collections import defaultdict
 
 from .assign import cut, order_hash
@@ -13,18 +12,7 @@ from .readers import ImageInfo, Sample
 from .shardfile import TAR_MTIME, Member, ShardPlan, content_key
 from .storage import Store
 
-__all__ = ["sample_json", "content_salt", "plan_shards", "final_plan", "unchanged_shards"]
-
-_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-_STR = json.encoder.encode_basestring  # how _JSON writes a string (C-accelerated)
-
-
-def sample_json(s: Sample) -> bytes:
-    """A sample's json member: the bytes ``_JSON`` writes for its captions, corpus, filename,
-    image_id and split (sorted keys), assembled directly: a third faster, per sample of the corpus."""
-    image_id = _STR(s.image_id) if isinstance(s.image_id, str) else _JSON.encode(s.image_id)
-    return (f'{{"captions":[{",".join(map(_STR, s.captions))}],"corpus":{_STR(s.corpus)},'
-            f'"filename":{_STR(s.filename)},"image_id":{image_id},"split":{_STR(s.split)}}}').encode()
+__all__ = ["content_salt", "plan_shards", "final_plan", "unchanged_shards"]
 
 
 def content_salt(resize: int | None) -> str:
@@ -46,7 +34,7 @@ def plan_shards(good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_
     plans: dict[str, list[ShardPlan]] = {}
     for split in sorted(by_split):
         rows = sorted(by_split[split], key=lambda row: row[0])
-        members = [Member(s.key, s.image_path, info.ext, info.size, info.digest, sample_json(s))
+        members = [Member(s.key, s.image_path, info.ext, info.size, info.digest, s.meta)
                    for _, s, info in rows]
         leaves = cut([h for h, _, _ in rows], [m.tar_bytes() for m in members], shard_size, shard_bytes)
         plans[split] = [ShardPlan(shard_name(split, label),
@@ -60,18 +48,19 @@ def final_plan(drafts: dict[str, list[ShardPlan]], found: dict[str, ImageInfo],
                salt: str) -> dict[str, list[ShardPlan]]:
     """The plan from every image's check, after a one-pass write: a split whose drafted images all
     passed with the sizes they were drafted with keeps the drafts' cut (same samples, same sizes),
-    now with the checked members and their content keys; any other split is planned again."""
+    now with the checked members and their content keys; any other split is planned again. Each
+    kept split's list of drafts becomes its plan in place, so the drafts' members are freed as it goes."""
     plans: dict[str, list[ShardPlan]] = {}
     again: set[str] = set()
     for split, shards in drafts.items():
         if not all(found[m.key].ok and found[m.key].size == m.size for draft in shards for m in draft.members):
             again.add(split)
             continue
-        plans[split] = []
-        for draft in shards:
+        for i, draft in enumerate(shards):
             members = tuple(Member(m.key, m.path, found[m.key].ext, m.size, found[m.key].digest, m.meta)
                             for m in draft.members)
-            plans[split].append(ShardPlan(draft.name, content_key(members, salt), members))
+            shards[i] = ShardPlan(draft.name, content_key(members, salt), members)
+        plans[split] = shards
     if again:
         plans.update(plan_shards([(s, i) for s, i in good if s.split in again], shard_size=shard_size,
                                  shard_bytes=shard_bytes, salt=salt))

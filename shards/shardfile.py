@@ -78,10 +78,11 @@ def tar_header(name: str, size: int) -> bytes:
     return b"".join((raw, _ZEROS[: 100 - len(raw)], _H_MID, size_field, _H_MTIME, chksum, _H_TAIL))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """One sample as the write phase needs it: where its image is, what the check phase saw there
-    (size, digest, member extension) and its json member."""
+    (size, digest, member extension) and its json member. Slotted and pickled as its fields, as
+    :class:`~shards.readers.ImageInfo` is (one per sample, in the driver's plans and its tasks)."""
 
     key: str
     path: str
@@ -96,6 +97,9 @@ class Member:
         key = len(self.key.encode("utf-8"))
         image = tar_member_bytes(key + 1 + MEMBER_EXT_LEN, self.size)
         return tar_member_bytes(key + len(".json"), len(self.meta)) + image
+
+    def __reduce__(self):
+        return Member, (self.key, self.path, self.ext, self.size, self.digest, self.meta)
 
 
 @dataclass(frozen=True)

@@ -437,7 +437,9 @@ def write_shards(
         skip = unchanged.keys() | done.keys()
         todo = [p for p in itertools.chain.from_iterable(plans.values()) if p.name not in skip]
         kept = {s.key: info.data for s, info in good if info.data is not None}
-        captions = Counter(s.split for s, _ in good for _ in s.captions)
+        captions = Counter()
+        for s, _ in good:
+            captions[s.split] += s.caption_count
         del infos, good[:]  # the kept bytes now live only in ``kept``, freed as they are written
         written = _write(store, todo, executor, kept=kept, resize=resize, storage_options=storage_options,
                          progress=progress)

@@ -23,8 +23,11 @@ FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif"}
 (MEMBER_EXT_LEN,) = {len(ext) for ext in FORMAT_EXT.values()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageInfo:
+    """What checking an image found. Slotted (a driver holds one per sample of the corpus: a third
+    less memory) and pickled as its fields (tasks send millions back: faster than a dict)."""
+
     ok: bool
     reason: str = ""
     size: int = 0
@@ -38,6 +41,10 @@ class ImageInfo:
     def without_data(self) -> ImageInfo:
         """The same info without the bytes (what a task sends back; dataclasses.replace is 4x slower)."""
         return ImageInfo(self.ok, self.reason, self.size, self.digest, self.ext, self.width, self.height, self.ahash)
+
+    def __reduce__(self):
+        return ImageInfo, (self.ok, self.reason, self.size, self.digest, self.ext, self.width, self.height, self.ahash,
+                           self.data)
 
 
 def _average_hash(im) -> int | None:

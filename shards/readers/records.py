@@ -47,17 +47,44 @@ class Problem:
         return {"source": self.source, "reason": self.reason, "split": self.split, "key": self.key}
 
 
-@dataclass(frozen=True)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+_STR = json.encoder.encode_basestring  # how _ENCODER writes a string (C-accelerated)
+
+
+def sample_json(corpus: str, filename: str, split: str, captions: list[str], image_id: str | int) -> bytes:
+    """A sample's json member: the bytes ``_ENCODER`` writes for its captions, corpus, filename,
+    image_id and split (sorted keys), assembled directly: a third faster, per sample of the corpus."""
+    iid = _STR(image_id) if isinstance(image_id, str) else _ENCODER.encode(image_id)
+    return (f'{{"captions":[{",".join(map(_STR, captions))}],"corpus":{_STR(corpus)},'
+            f'"filename":{_STR(filename)},"image_id":{iid},"split":{_STR(split)}}}').encode()
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
-    """One image with all its captions."""
+    """One image with all its captions. The captions are held only inside ``meta``, the json member
+    its shard stores: a driver holds every sample of a corpus, and as strings the captions took
+    twice the memory of those bytes (the largest share of a sample's)."""
 
     corpus: str
     key: str
     split: str
     filename: str  # as written in the annotations, relative to the image folder
     image_path: str  # absolute local path
-    captions: tuple[str, ...]
     image_id: str | int
+    meta: bytes  # the json member (sample_json)
+    caption_count: int
+
+    @classmethod
+    def of(cls, corpus: str, key: str, split: str, filename: str, image_path: str, captions: list[str],
+           image_id: str | int) -> Sample:
+        """A sample of these (checked, stripped) captions, with its json member built from them."""
+        return cls(corpus, key, split, filename, image_path, image_id,
+                   sample_json(corpus, filename, split, captions, image_id), len(captions))
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """The captions, decoded from ``meta``."""
+        return tuple(json.loads(self.meta)["captions"])
 
 
 def corpus_slug(name: str) -> str:
@@ -211,7 +238,7 @@ class _Builder:
         if image_id is None or isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
             image_id = parts[-1].rsplit(".", 1)[0] if "." in parts[-1] else parts[-1]
         image_path = self.images_prefix + rel if len(parts) == 1 else os.path.join(self.images_dir, *parts)
-        L.samples.append(Sample(L.corpus, key, split, filename, image_path, tuple(texts), image_id))
+        L.samples.append(Sample.of(L.corpus, key, split, filename, image_path, texts, image_id))
 
     def _captions(self, src: str, split: str, key: str, captions: list) -> list[str] | None:
         """The non-blank captions, stripped; None after reporting the first one that is not valid text."""
