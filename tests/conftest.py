@@ -221,6 +221,25 @@ def ray_cluster(_ray_session):
 
 
 @pytest.fixture
+def s3_ray(s3_endpoint) -> Path:
+    """A Ray cluster of this test, started (msa.runtime.ray_train.ensure_ray) once the S3 credentials are in
+    the environment: its processes inherit them, as a user's local cluster does (list a fixture that sets other
+    credentials before this one). Yields its session's log directory (every Ray process of this cluster writes
+    there, the train workers included); the next test's ``ray_cluster`` starts a fresh one."""
+    import ray
+
+    from msa.runtime.ray_train import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(None)
+    try:
+        yield Path(ray._private.worker._global_node.get_logs_dir_path())
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
 def tiny_overrides() -> dict:
     """Config overrides that keep a small-preset run tiny on two CPU cores."""
     return dict(TINY_OVERRIDES)

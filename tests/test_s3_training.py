@@ -50,24 +50,6 @@ def job_credentials(s3_endpoint, monkeypatch) -> dict[str, str]:
     return creds
 
 
-@pytest.fixture
-def job_ray(job_credentials) -> Path:
-    """A Ray cluster of this test, started (msa.runtime.ray_train.ensure_ray) once the job's credentials are in
-    the environment: its processes inherit them, as a user's local cluster does. Yields its session's log
-    directory (every Ray process of this cluster writes there, the train workers included)."""
-    import ray
-
-    from msa.runtime.ray_train import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ensure_ray(None)
-    try:
-        yield Path(ray._private.worker._global_node.get_logs_dir_path())
-    finally:
-        ray.shutdown()  # the next test's ray_cluster starts a fresh one
-
-
 class FaultStager:
     """Watches the Ray storage prefix straight from moto (not through the proxy) every 50 ms, in a thread:
 
@@ -218,7 +200,7 @@ def _ray_texts(logs_dir: Path) -> dict[str, bytes]:
 
 
 def test_s3_training_survives_a_killed_worker_and_an_upload_outage_and_leaks_no_secret(
-        tiny_corpus, tiny_overrides, s3_endpoint, job_credentials, job_ray, mlflow_server, prefect_stack,
+        tiny_corpus, tiny_overrides, s3_endpoint, job_credentials, s3_ray, mlflow_server, prefect_stack,
         fast_model_logging, tmp_path, capfd):
     import boto3
     from mlflow.tracking import MlflowClient
@@ -264,7 +246,7 @@ def test_s3_training_survives_a_killed_worker_and_an_upload_outage_and_leaks_no_
     assert client.get_run(run_id).info.status == "FINISHED"
     val = sorted(m.step for m in client.get_metric_history(run_id, "val_mR"))
     assert val == list(range(EPOCHS)), val
-    ray_logs = _ray_texts(job_ray)
+    ray_logs = _ray_texts(s3_ray)
     worker_output = b"".join(ray_logs.values()).decode(errors="replace")
     resumed = re.findall(r"\[msa\] resumed from epoch (\d+) checkpoint", worker_output)
     assert resumed == [str(stager.kill["latest_epoch"])], resumed

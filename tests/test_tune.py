@@ -1,6 +1,6 @@
 """tune-msa: Ray Tune over the training driver (one TorchTrainer per trial, ASHA), an MLflow parent
-run with a child run per trial, the best trial registered; the search space and both search
-algorithms (random, Optuna) without training; the `msa tune` command line."""
+run with a child run per trial, the best trial registered, Ray's storage on S3 (moto); the search space
+and both search algorithms (random, Optuna) without training; the `msa tune` command line."""
 
 from __future__ import annotations
 
@@ -85,9 +85,13 @@ def test_msa_tune_command_line_parses() -> None:
 
 
 @pytest.mark.slow
-def test_tune_flow_three_trials_registers_the_best(
-    mlflow_server, tiny_shards, prefect_stack, ray_cluster, tiny_overrides, tmp_path, fast_model_logging
+def test_tune_flow_three_trials_on_s3_storage_registers_the_best(
+    mlflow_server, tiny_shards, prefect_stack, s3_endpoint, s3_ray, tiny_overrides, fast_model_logging
 ) -> None:
+    """Ray's storage is an ``s3://`` path and the endpoint only the run's ``endpoint_url`` (as on a cluster,
+    where Tune needs shared storage): Tune's own state goes there too, not to AWS."""
+    import boto3
+
     from flows.tune_msa import tune_msa
 
     client = MlflowClient(mlflow_server)
@@ -106,7 +110,8 @@ def test_tune_flow_three_trials_registers_the_best(
         reduction_factor=2,
         seed=3,
         mlflow_uri=mlflow_server,
-        storage_path=str(tmp_path / "ray"),
+        storage_path="s3://msa-shards/ray",
+        endpoint_url=s3_endpoint,
         name="tune-test",
     )
     trials = result["trials"]
@@ -116,6 +121,10 @@ def test_tune_flow_three_trials_registers_the_best(
     assert len({t["trial_id"] for t in trials}) == 3 and all(set(t["config"]) == set(SPACE) for t in trials)
     best = max(trials, key=lambda t: t["best_val_mR"])
     assert result["best_trial_id"] == best["trial_id"] and result["best_config"] == best["config"]
+    assert all(t["best_checkpoint"].startswith("s3://msa-shards/ray/") for t in trials)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    stored = [o["Key"] for o in s3.list_objects_v2(Bucket="msa-shards", Prefix="ray/tune-test/")["Contents"]]
+    assert any(k.startswith("ray/tune-test/experiment_state") for k in stored), stored  # Tune's own state
 
     # One parent run, a child run per trial with per-epoch validation metrics, none left RUNNING.
     parent = client.get_run(result["parent_run_id"])

@@ -208,7 +208,7 @@ def run_ablation(job: AblationJob) -> AblationOutcome:
 
     from msa.runtime.datasets import absolute_uri
     from msa.runtime.ray_train import ensure_ray
-    from msa.runtime.tune import METRIC, link_child_runs, trial_summaries
+    from msa.runtime.tune import METRIC, link_child_runs, trial_summaries, tune_run_config
 
     if job.max_concurrent_trials < 0:
         raise ValueError("max_concurrent_trials must be >= 0 (0: no limit)")
@@ -242,7 +242,7 @@ def run_ablation(job: AblationJob) -> AblationOutcome:
             param_space={"variant": tune.grid_search(names), "seed": tune.grid_search(list(job.seeds))},
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=1,
                                         max_concurrent_trials=job.max_concurrent_trials or None),
-            run_config=tune.RunConfig(name=job.name, storage_path=spec.storage, verbose=1),
+            run_config=tune_run_config(job.name, spec),
         )
         results = tuner.fit()
         summaries = trial_summaries(results, spec.storage, base.train.epochs)

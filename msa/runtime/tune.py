@@ -32,7 +32,7 @@ from msa.config import MSAConfig, resolve_config
 from msa.metrics import RECALL_KEYS
 from msa.runtime import registry, tracking
 from msa.runtime.datasets import absolute_uri
-from msa.runtime.ray_train import TrainJob, TrainOutcome, ensure_ray, run_training
+from msa.runtime.ray_train import TrainJob, TrainOutcome, ensure_ray, ray_storage, run_training
 from msa.runtime.spec import RunSpec
 
 METRIC = "val_mR"
@@ -229,6 +229,16 @@ def _checkpoint_uri(path: str, storage_path: str) -> str:
     return path
 
 
+def tune_run_config(name: str, spec: RunSpec):
+    """Tune's ``RunConfig`` on the run's storage: an ``s3://`` path through the run's endpoint and retries
+    (``ray_storage``), as each trial's Train run stores its checkpoints (pyarrow's own resolution of the URI
+    knows no endpoint but AWS's)."""
+    from ray import tune
+
+    storage_path, storage_filesystem = ray_storage(spec)
+    return tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=1)
+
+
 def trial_summaries(results, storage_path: str, epochs: int) -> list[TrialSummary]:
     """One summary per trial of a Tune ``ResultGrid`` (best validation epoch, its checkpoint, status)."""
     out: list[TrialSummary] = []
@@ -321,7 +331,7 @@ def run_tune(job: TuneJob, *, register: bool = True) -> TuneOutcome:
                 num_samples=job.num_samples,
                 max_concurrent_trials=(job.max_concurrent_trials or None) if job.search != "random" else None,
             ),
-            run_config=tune.RunConfig(name=job.name, storage_path=spec.storage, verbose=1),
+            run_config=tune_run_config(job.name, spec),
         )
         results = tuner.fit()
         trials = trial_summaries(results, spec.storage, epochs)
