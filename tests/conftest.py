@@ -172,9 +172,14 @@ def tiny_shards(tiny_corpus, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def prefect_stack(tmp_path_factory):
     """The local stack (infra.stack.up) with free ports; in-process flows run against its server too."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from infra.stack import down, up
+
+    # Prefect's console handler takes sys.stderr when its logging is first set up (the first flow import): do it
+    # now, on the session's stream, not inside a test whose capfd stream is closed when the test ends.
+    ensure_logging_setup()
 
     state = tmp_path_factory.mktemp("stack") / "state"
     env_file = state.parent / "stack.env"
