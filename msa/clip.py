@@ -270,6 +270,6 @@ def build_clip_towers(cfg: MSAConfig) -> tuple[ClipTextEncoder, ClipImageEncoder
     model = build_clip_model(cfg)
     text = ClipTextEncoder(model)
     scale = getattr(model, "logit_scale", None)
-    text.logit_scale_init = float(scale) if cfg.clip.checkpoint is not None and scale is not None else None
+    text.logit_scale_init = float(scale.detach()) if cfg.clip.checkpoint is not None and scale is not None else None
     image = ClipImageEncoder(model.visual, cfg.clip.scales)
     return text, image
