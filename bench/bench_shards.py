@@ -101,6 +101,18 @@ def karpathy_like(path: Path, n: int, seed: int = 0) -> None:
     path.write_text(json.dumps({"images": records, "dataset": "bench"}))
 
 
+def traced_peak(fn) -> int:
+    """The peak bytes tracemalloc sees while ``fn`` runs, the GC paused as write_shards pauses it."""
+    gc.disable()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+
+
 def annotation_memory(n: int, work: Path) -> dict:
     """Peak memory (tracemalloc) and time of reading n RSICD-like records, against json.loads of the document."""
     path = work / "dataset_memory.json"
@@ -112,12 +124,9 @@ def annotation_memory(n: int, work: Path) -> dict:
             t = time.perf_counter()
             fn()
             seconds = time.perf_counter() - t
-            tracemalloc.start()
-            fn()
-            return seconds, tracemalloc.get_traced_memory()[1]
         finally:
-            tracemalloc.stop()
             gc.enable()
+        return seconds, traced_peak(fn)
 
     t_reader, peak_reader = measure(lambda: read_annotations(path, work, corpus="bench"))
     t_json, peak_json = measure(lambda: json.loads(path.read_text()))
@@ -284,15 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                       "one worker)")
         driver_peak = None
         if args.driver_memory:  # traced apart: tracemalloc slows the run
-            gc.disable()  # as write_shards runs
-            tracemalloc.start()
-            try:
-                write_shards(ann, images, str(fresh("shards-traced")), workers=args.workers, resize=args.resize,
-                             shard_size=args.shard_size, progress=False)
-                driver_peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
-                gc.enable()
+            driver_peak = traced_peak(lambda: write_shards(
+                ann, images, str(fresh("shards-traced")), workers=args.workers, resize=args.resize,
+                shard_size=args.shard_size, progress=False))
             kept = " (in-process: with image bytes kept for the write, up to 512 MB)" if args.workers == 1 else ""
             print(f"driver mem   : peak {driver_peak / n:7.0f} bytes a sample traced in this process{kept}")
         memory = annotation_memory(args.annotations, work) if args.annotations else None

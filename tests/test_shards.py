@@ -828,7 +828,6 @@ def test_gc_is_paused_while_writing_and_restored_after(tmp_path, monkeypatch):
         gc.enable()
 
 
-
 def test_a_write_leaves_no_cycle_per_sample_for_the_paused_gc(tmp_path):
     """The GC is paused while writing, so whatever a reference cycle holds stays until it runs again:
     the garbage cycles a write leaves must not grow with the corpus (a recursive closure in the trie
@@ -850,6 +849,7 @@ def test_a_write_leaves_no_cycle_per_sample_for_the_paused_gc(tmp_path):
             gc.garbage.clear()
             gc.enable()
     assert left[1] - left[0] < 3 * (100 - 3), left  # under a byte a sample
+
 
 def test_bench_smoke():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_shards.py"), "--small", "--json", "--driver-memory"],
