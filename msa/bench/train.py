@@ -113,6 +113,9 @@ def section_train(b: Bench) -> dict[str, Any]:
             if not is_oom(e):
                 raise
             row = {"batch_size": bs, "status": "OOM"}
+        else:  # the row as soon as it is measured: a run stopped at a later batch size still reports it
+            log(f"train B={bs}: {fmt(row['ms_per_step'])} ms/step, {fmt(row['pairs_per_s'])} pairs/s, "
+                f"peak {fmt(gib(row['peak_mem_bytes']))} GiB")
         finally:
             optimizer.zero_grad(set_to_none=True)
             free_device_memory(device)
