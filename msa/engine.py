@@ -143,7 +143,7 @@ def prepare_training(
 
     ``model`` (bare, on ``device``) is put in channels_last (``train.channels_last``) and handed to ``wrap``
     (e.g. a DDP wrapper); the optimizer is built over its parameters (``train.fused_adamw``, the optim
-    section's groups); ``step_model`` is the wrapped model, ``torch.compile``d with ``train.compile``.
+    section's groups); ``step_model`` is the wrapped model, ``torch.compile``d (static shapes) with ``train.compile``.
     TF32 is set for fp32 CUDA runs (``train.tf32``). ``fit`` and ``msa.bench`` both train through this and
     ``train_step``, so the benchmark times the step that trains.
     """
@@ -154,7 +154,9 @@ def prepare_training(
     optimizer = build_optimizer(model, cfg.optim, fused=cfg.train.fused_adamw)
     step_model = wrap(model)
     if cfg.train.compile:
-        step_model = torch.compile(step_model)
+        # Static shapes: training batches are full and padded to max_tokens, so every step has one shape, and a
+        # second shape (the bench's next batch size) compiles a graph of its own instead of a dynamic-shape one.
+        step_model = torch.compile(step_model, dynamic=False)
     return step_model, optimizer
 
 

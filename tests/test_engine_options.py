@@ -151,6 +151,20 @@ def test_compiled_step_equals_eager(base_model):
     assert_close_step(one_step(cfg, base_model), one_step(tiny_cfg(), base_model), cfg.optim.lr)
 
 
+def test_compiled_model_gets_a_static_graph_per_batch_size():
+    """Training's batches have one shape; a bench measuring several batch sizes must time each size's own
+    static graph (as training compiles it), not the dynamic-shape graph dynamo would build on the second."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    step_model, _ = prepare_training(tiny_cfg("train.compile=true"), torch.nn.Linear(4, 4), CPU)
+    for batch_size in (2, 3, 4):
+        step_model(torch.randn(batch_size, 4))
+    assert counters["stats"]["unique_graphs"] == 3  # 2 with dynamic shapes: sizes 3 and 4 share one graph
+    torch._dynamo.reset()
+
+
 # --- the fine-tuning recipe --------------------------------------------------------------------------------
 
 def test_schedule_warmup_then_cosine():
