@@ -10,6 +10,7 @@ Session-scoped unless noted; each starts only when a test asks for it:
   credentials in the environment and one bucket, ``msa-shards``; yields its endpoint URL.
 - ``tiny_corpus`` / ``tiny_shards``: a 48/16/16-image synthetic corpus (32 px) and its shards
   (written once with ``shards.writer.write_shards``); ``tiny_shards`` yields the shard set's path.
+- ``learning_shards``: 48 train images in shards of 16, what the tests that check a run learns train on.
 - ``ray_cluster`` (per test): a local Ray cluster for tests that train (msa.runtime.ray_train.ensure_ray), shut down at
   session end; ``tiny_overrides``: config overrides for tiny runs.
 - ``fast_model_logging`` (per module): skips MLflow's slow pip-requirement inference when logging models.
@@ -167,6 +168,19 @@ def tiny_shards(tiny_corpus, tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("tiny-shards") / "synth")
     write_shards(annotations, images, uri, corpus="synth", progress=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def learning_shards(tmp_path_factory) -> str:
+    """Path of the shard set the training tests learn on: 48 train images (32 px, seed 11) in shards of 16."""
+    from shards.synth import generate_corpus
+    from shards.writer import write_shards
+
+    root = tmp_path_factory.mktemp("learn")
+    annotations = generate_corpus(root / "corpus", splits={"train": 48}, image_size=32, seed=11)
+    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=16,
+                 progress=False)
+    return str(root / "shards")
 
 
 @pytest.fixture(scope="session")

@@ -292,20 +292,8 @@ def test_learnable_logit_scale_receives_a_gradient():
 
 # --- every option on: trains as the plain path does ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory) -> str:
-    from shards.synth import generate_corpus
-    from shards.writer import write_shards
-
-    root = tmp_path_factory.mktemp("learn")
-    annotations = generate_corpus(root / "corpus", splits={"train": 48}, image_size=32, seed=11)
-    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=16,
-                 progress=False)
-    return str(root / "shards")
-
-
 @pytest.mark.slow
-def test_fit_with_every_option_on_learns(tiny_corpus, tmp_path):
+def test_fit_with_every_option_on_learns(learning_shards, tmp_path):
     """As tests/test_model.py's fit test, with every training-path option that runs on the CPU and the recipe."""
     from msa.data import ImageTransform, plan_splits
     from msa.encoders import build_tokenizer
@@ -318,7 +306,7 @@ def test_fit_with_every_option_on_learns(tiny_corpus, tmp_path):
         "train.prefetch=true", "train.tf32=true", "optim.schedule=cosine", "optim.warmup_steps=2",
         "optim.grad_clip=50", "optim.no_decay_norm_bias=true", "optim.head_lr=1e-3", "loss.w_infonce=1.0",
         "loss.learn_temperature=true"])
-    manifest = read_manifest(tiny_corpus)
+    manifest = read_manifest(learning_shards)
     plan = plan_splits(manifest, cfg.train.val_fraction)
     urls = manifest.shard_urls("train")
     tokenizer, transform = build_tokenizer(cfg), ImageTransform(cfg.image.size)

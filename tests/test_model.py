@@ -16,8 +16,6 @@ from msa.evaluate import embed_split, evaluate_recall
 from msa.losses import compute_loss
 from msa.model import MSAModel
 from shards.manifest import read_manifest
-from shards.synth import generate_corpus
-from shards.writer import write_shards
 
 OFFLINE_PAPER = ["image.weights=null", "text.weights=null", "text.tokenizer=packaged:all-minilm-l6-v2"]
 
@@ -47,20 +45,11 @@ def recall_of(model, urls, transform, tokenizer) -> float:
     return evaluate_recall(embed_split(model, urls, transform=transform, tokenizer=tokenizer, max_tokens=31))["mR"]
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("learn")
-    annotations = generate_corpus(root / "corpus", splits={"train": 48}, image_size=32, seed=11)
-    write_shards(annotations, root / "corpus" / "images", str(root / "shards"), corpus="synth", shard_size=16,
-                 progress=False)
-    return str(root / "shards")
-
-
-def test_fit_learns_keeps_the_best_checkpoints_and_resumes(tiny_corpus, tmp_path):
+def test_fit_learns_keeps_the_best_checkpoints_and_resumes(learning_shards, tmp_path):
     """The in-process engine, no Ray: loss falls, recall rises, best checkpoints kept, a second call resumes."""
     cfg = resolve_config("small", ["image.size=32", "train.batch_size=16", "optim.lr=1e-3", "train.epochs=4",
                                    "train.loader_workers=0", "train.keep_checkpoints=1"])
-    manifest = read_manifest(tiny_corpus)
+    manifest = read_manifest(learning_shards)
     plan = plan_splits(manifest, cfg.train.val_fraction)
     urls = manifest.shard_urls("train")
     tokenizer, transform = build_tokenizer(cfg), ImageTransform(cfg.image.size)
