@@ -385,8 +385,13 @@ def write_shards(
                                                       progress=progress)
             infos = [found[s.key] for s in samples]
         else:
-            infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode, keep=not resize,
-                           progress=progress)
+            # Bytes are kept when every shard will be written: not over a set of the same layout, mostly up to
+            # date (a rerun, or a few shards rewritten), where keeping every image would hold up to _KEEP_BYTES
+            # for nothing; what such a run does rewrite is read again.
+            layout = {"shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize}
+            rewrite_all = old is None or any(old.options.get(k) != v for k, v in layout.items())
+            infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode,
+                           keep=not resize and rewrite_all, progress=progress)
         problems = list(listing.problems)
         good: list[tuple[Sample, ImageInfo]] = []
         for s, info in zip(samples, infos):

@@ -190,3 +190,40 @@ def test_an_image_edited_in_place_at_the_same_size_rewrites_only_its_shard(tiny_
     fresh = tmp_path / "fresh"
     assert cli.main([*argv, "--out", str(fresh)]) == 0
     assert read_manifest(str(fresh)).digest == m.digest
+
+
+def test_a_rerun_over_the_same_layout_keeps_no_image_bytes(tmp_path):
+    """A write that re-cuts every shard keeps each image's bytes from its check to its write (one read instead
+    of two); a rerun over a set of the same layout rewrites a few shards or none, so it keeps none (it used to
+    keep them all, up to 512 MB, for nothing)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from shards.writer import write_shards
+
+    rng = random.Random(0)
+    images, records, total = tmp_path / "images", [], 0
+    images.mkdir()
+    for i in range(128):
+        path = images / f"{i:03d}.jpg"
+        Image.frombytes("RGB", (256, 256), rng.randbytes(256 * 256 * 3)).save(path, quality=95)  # noise: ~130 KB
+        total += path.stat().st_size
+        records.append({"filename": path.name, "split": "train", "sentences": [{"raw": f"scene {i}"}]})
+    ann = tmp_path / "dataset_noise.json"
+    ann.write_text(json.dumps({"images": records, "dataset": "noise"}))
+    out = str(tmp_path / "out")
+
+    def traced_write(shard_size: int):
+        tracemalloc.start()
+        try:
+            manifest = write_shards(ann, images, out, shard_size=shard_size, progress=False)
+            return manifest, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    traced_write(16)
+    manifest, rerun = traced_write(16)
+    assert manifest.reused and rerun < total / 3, (rerun, total)  # ~2 MB of read buffers
+    _, new_layout = traced_write(12)  # every shard re-cut: the bytes are kept again
+    assert new_layout > total, (new_layout, total)
