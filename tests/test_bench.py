@@ -166,6 +166,20 @@ def test_a_subset_of_sections(tmp_path):
     assert result["mscmat"]["agreement"]["max_abs_diff"] < 1e-4
 
 
+def test_profile_names_where_the_train_step_spends_its_time(tmp_path):
+    """--profile: per batch size, torch.profiler's operators by self time (CPU time here), printed and in the JSON."""
+    result = run_bench(tmp_path, "--sections", "train", "--batch-sizes", "2,3", "--no-encoders-row", "--profile")
+    for row in result["train"]["rows"]:
+        prof = row["profile"]
+        assert prof["steps"] == 3 and prof["self_time"] == "cpu" and "device_busy_ms" not in prof
+        ops = {op["op"]: op for op in prof["top_ops"]}
+        assert 0 < len(ops) <= 12 and all(positive(op["self_ms"]) and op["calls"] > 0 for op in ops.values())
+        assert any(name.startswith("aten::") and "conv" in name for name in ops)  # the image tower's convolutions
+        step = [op for name, op in ops.items() if name.startswith("Optimizer.step")]
+        assert [op["calls"] for op in step] == [1.0]  # figures per step, not per 3 steps
+        assert f"== profile of the train step, B={row['batch_size']}" in result["_stdout"]
+
+
 def test_clip_preset_trains_on_random_towers_with_clip_captions(tmp_path):
     """The CLIP presets' rows: random towers without a checkpoint, captions from CLIP's own tokenizer."""
     out = tmp_path / "clip.json"

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sets train.fused_adamw: AdamW(fused=True), as msa.engine.prepare_training builds it")
     g.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark=True")
     g.add_argument("--no-encoders-row", action="store_true", help="skip the encoders-only fwd+bwd timing")
+    g.add_argument("--profile", action="store_true",
+                   help="after timing each batch size, profile 3 more steps with torch.profiler: on a GPU the "
+                   "device's busy time and kernel launches per step (busy well under the step's time: "
+                   "launch-bound), and the operators with the most self time")
     g = p.add_argument_group("mscmat options")
     g.add_argument("--no-naive", action="store_true", help="skip the naive pair-by-pair baseline timings "
                    "(the agreement check still runs)")

@@ -99,6 +99,35 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def profile_calls(fn: Callable[[], Any], device: torch.device, steps: int = 3, top: int = 12) -> dict[str, Any]:
+    """Where a call's time goes, by ``torch.profiler`` over ``steps`` calls (after one unprofiled call).
+
+    Per call: on a GPU the device's busy time (its kernels' summed durations) and the kernels launched (busy
+    time well under the step's time means the step waits on launches, not on the chip); everywhere the
+    ``top`` operators by self time (device time on a GPU, CPU time on the CPU) with their calls.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    out: dict[str, Any] = {"steps": steps, "self_time": "device" if on_gpu else "cpu"}
+    if on_gpu:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        out["device_busy_ms"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+        out["kernels"] = len(kernels) / steps
+    ops = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    out["top_ops"] = [{"op": e.key, "calls": e.count / steps, "self_ms": self_us(e) / 1e3 / steps}
+                      for e in sorted(ops, key=self_us, reverse=True)[:top] if self_us(e) > 0]
+    return out
+
+
 @dataclasses.dataclass
 class MemoryReading:
     bytes: int

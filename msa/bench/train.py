@@ -23,7 +23,7 @@ from torch import Tensor
 
 from msa.bench.common import REFERENCE, REFERENCE_LABEL, fmt, gib, log, table
 from msa.bench.context import Bench
-from msa.bench.timing import LiveTensorBytes, free_device_memory, is_oom, time_calls
+from msa.bench.timing import LiveTensorBytes, free_device_memory, is_oom, profile_calls, time_calls
 
 STEP = "msa.engine.train_step"
 
@@ -87,6 +87,8 @@ def _measure(b: Bench, bs: int, model, eager, optimizer, step_cfg, peak: float, 
     row |= {"ms_per_step": ms, "ms_mean": statistics.fmean(times), "pairs_per_s": bs / ms * 1e3,
             "achieved_tflops": row["flops_per_step"] / (ms * 1e-3) / 1e12,
             "mfu": row["flops_per_step"] / (ms * 1e-3) / peak}
+    if a.profile:
+        row["profile"] = profile_calls(step, device)
     if not a.no_encoders_row:
         optimizer.zero_grad(set_to_none=True)
         row["encoders_ms"] = statistics.median(time_calls(encoders, device, a.steps, a.warmup))
@@ -150,4 +152,19 @@ def section_train(b: Bench) -> dict[str, Any]:
              f"{ref[32]['mem_gib']} GiB; encoders alone {REFERENCE['encoders_ms'][32]} ms",
              b.comparability]
     print(table(f"train step ({cfg.preset} preset, {device.type}, random inputs, compute only)", headers, body, notes))
+    for r in rows:
+        if "profile" in r:
+            print(_profile_table(r))
     return {"rows": rows, "precision": "bf16" if b.bf16 else "fp32", "step": STEP}
+
+
+def _profile_table(row: dict[str, Any]) -> str:
+    prof = row["profile"]
+    title = f"profile of the train step, B={row['batch_size']} (torch.profiler, {prof['steps']} steps)"
+    notes = [f"self ms: {prof['self_time']} time per step, the operator's own (not its children's)"]
+    if "device_busy_ms" in prof:
+        busy = prof["device_busy_ms"]
+        notes.insert(0, f"device busy {fmt(busy)} ms of the {fmt(row['ms_per_step'])} ms step "
+                        f"({100 * busy / row['ms_per_step']:.0f}%), {fmt(prof['kernels'])} kernels a step")
+    body = [[op["op"][:70], op["calls"], op["self_ms"]] for op in prof["top_ops"]]
+    return table(title, ["operator", "calls/step", "self ms"], body, notes)
