@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,23 @@ def test_help_explains_every_option(capsys):
     for option in ("--preset", "--batch-sizes", "--device", "--steps", "--warmup", "--bf16", "--no-bf16",
                    "--sections", "--tiny", "--matmul-tflops", "--json"):
         assert option in text
+
+
+def test_gpu_check_script_runs_valid_bench_commands():
+    """bench/gpu_check.sh runs only on a GPU machine: here its shell parses and every msa.bench command in it
+    is accepted by the benchmark's own parser (a renamed option would otherwise surface on a lent GPU)."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
+    text = script.read_text().replace("\\\n", " ")
+    text = text.replace("$bench", re.search(r'^bench="(.*)"$', text, re.M).group(1))
+    commands = [line.split("msa.bench", 1)[1] for line in text.splitlines()
+                if "msa.bench" in line and line.strip().startswith("step ")]
+    assert len(commands) == 4
+    parser = build_parser()
+    for command in commands:
+        args = [a.strip('"') for a in command.replace('"$b"', "32").replace("$out", "out").split()]
+        parser.parse_args(args)
+    assert "tests/test_gpu.py" in text
 
 
 def test_rejects_unknown_sections():
