@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one run, as the README's "On a GPU" figures were taken (about 8 minutes on
+# Every GPU check of this project in one run, as the README's "On a GPU" figures were taken (about 7 minutes on
 # an H200): the CUDA tests, then `python -m msa.bench` for the paper preset (eager bf16 with every section,
 # compiled bf16 per batch size with a profile, fp32 as the reference ran) and the clip-vit-b32 preset.
 #
