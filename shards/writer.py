@@ -79,6 +79,7 @@ log = logging.getLogger("shards")
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB soft limit per shard
 _MAX_REPORT = 50
 _KEEP_BYTES = 512 << 20  # image bytes kept in memory between the check and write phases (in-process)
+_LAYOUT_OPTIONS = ("shard_size", "shard_bytes", "resize")  # the options that decide where every shard is cut
 _CHECK_BATCH = 256  # images per check task (threads, pool, Ray)
 _CHECK_THREADS = 2  # in-process threads for large images (bench/bench_shards.py --like rsitmd)
 _THREAD_MIN_BYTES = 64 << 10  # mean image size from which they pay off
@@ -368,6 +369,8 @@ def write_shards(
     found: dict[str, ImageInfo] = {}  # what they saw (by sample key)
     drafted: dict[str, ShardInfo] = {}  # and the shards they wrote
     salt = content_salt(resize)
+    options = {"corpus": corpus, "shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize,
+               "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
     try:
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
         one_pass = old is None and not doomed
@@ -388,8 +391,7 @@ def write_shards(
             # Bytes are kept when every shard will be written: not over a set of the same layout, mostly up to
             # date (a rerun, or a few shards rewritten), where keeping every image would hold up to _KEEP_BYTES
             # for nothing; what such a run does rewrite is read again.
-            layout = {"shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize}
-            rewrite_all = old is None or any(old.options.get(k) != v for k, v in layout.items())
+            rewrite_all = old is None or any(old.options.get(k) != options[k] for k in _LAYOUT_OPTIONS)
             infos = _check(samples, executor, check_leaks=check_leaks, full_decode=full_decode,
                            keep=not resize and rewrite_all, progress=progress)
         problems = list(listing.problems)
@@ -419,8 +421,6 @@ def write_shards(
             log.warning("quarantined %s", p)
 
         leaks = _find_leaks(good) if check_leaks else None
-        options = {"corpus": corpus, "shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize,
-                   "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
         source_digest = _source_digest(listing, good, problems, options)
 
         # the source digest covers the schema version, annotations, image bytes and options
