@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import importlib
 import multiprocessing
 import os
 import sys
@@ -65,9 +66,13 @@ class Executor:
         self.close()
 
 
-def process_pool(workers: int) -> Executor:
-    """``workers`` local processes (spawned: safe with threads, same result on every platform)."""
+def process_pool(workers: int, preload: str) -> Executor:
+    """``workers`` local processes (spawned: safe with threads, same result on every platform). They
+    start at once, each importing module ``preload`` (what its tasks need, about 0.3 CPU-seconds),
+    while the caller goes on: the writer reads the annotations meanwhile."""
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):  # a spawned pool starts a process a submission
+        pool.submit(_import, preload)
     return Executor(pool.submit, 2 * workers, lambda: pool.shutdown(cancel_futures=True),
                     lambda fut: fut.cancel())
 
@@ -114,3 +119,7 @@ def ray_executor(address: str) -> Executor:
 
 def _call(fn: Callable, batch: object) -> object:
     return fn(batch)
+
+
+def _import(module: str) -> None:
+    importlib.import_module(module)

@@ -150,6 +150,16 @@ def _source_digest(listing: Listing, good: list[tuple[Sample, ImageInfo]], probl
     return h.hexdigest()
 
 
+def _previous(store: Store) -> Manifest | None:
+    """The output's manifest; None if there is none or it cannot be read (the set is then rewritten)."""
+    try:
+        return _load(store)
+    except TransientStorageError:
+        raise
+    except (FileNotFoundError, StorageError):
+        return None
+
+
 def _is_complete(store: Store, m: Manifest) -> bool:
     present = store.list_files()
     if SIZES_NAME not in present:
@@ -349,22 +359,7 @@ def write_shards(
     if ray_address is not None and workers > 1:
         raise ValueError("workers and ray_address exclude each other (Ray runs a task per CPU of its cluster)")
 
-    size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: read_annotations raises
-    with progress_bar(size, "annotations", progress, unit="B") as bar:
-        listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update)
-    samples = listing.samples
-    store = Store(out_uri, storage_options)
-    try:
-        old = _load(store)
-    except TransientStorageError:
-        raise
-    except (FileNotFoundError, StorageError):  # no manifest, or an unreadable one: rewrite
-        old = None
-    executor = None
-    if ray_address is not None:
-        executor = ray_executor(ray_address)
-    elif workers > 1 and len(samples) > 1:
-        executor = process_pool(min(workers, len(samples)))
+    executor = process_pool(workers, __name__) if workers > 1 else None  # starts while the annotations are read
     drafts: dict[str, list[ShardPlan]] = {}  # a one-pass write's: what its tasks were given,
     found: dict[str, ImageInfo] = {}  # what they saw (by sample key)
     drafted: dict[str, ShardInfo] = {}  # and the shards they wrote
@@ -372,6 +367,14 @@ def write_shards(
     options = {"corpus": corpus, "shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize,
                "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
     try:
+        size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: the reader raises
+        with progress_bar(size, "annotations", progress, unit="B") as bar:
+            listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update)
+        samples = listing.samples
+        store = Store(out_uri, storage_options)
+        old = _previous(store)
+        if ray_address is not None:  # after the annotations: bad ones fail before a cluster starts
+            executor = ray_executor(ray_address)
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
         one_pass = old is None and not doomed
         if executor is None and one_pass and _large(_file_sizes([s.image_path for s in samples[:_CHECK_BATCH]])):

@@ -30,7 +30,7 @@ def thread_pool(monkeypatch):
     """``workers > 1`` runs its tasks in threads of this process; returns how many tasks ran."""
     tasks = collections.Counter()
 
-    def pool(workers: int) -> Executor:
+    def pool(workers: int, preload: str) -> Executor:
         ex = cf.ThreadPoolExecutor(workers)
 
         def submit(fn, batch):
