@@ -73,6 +73,29 @@ def test_stream_errors_are_json_loads_errors_at_the_same_place(chunk):
         assert (g.msg, g.lineno, g.colno, g.pos) == (w.msg, w.lineno, w.colno, w.pos), (text, chunk)
 
 
+@pytest.mark.parametrize("indent", [None, 1])
+def test_elements_take_one_decoder_call_each_but_where_a_chunk_ends(indent):
+    """The records of a list are most of a file's reading time: each is decoded by one call, also
+    after the buffer has been refilled (once it fell back to the general path for every later one)."""
+
+    class Counting(json.JSONDecoder):
+        calls = 0
+
+        def raw_decode(self, s, idx=0):
+            self.calls += 1
+            return super().raw_decode(s, idx)
+
+    records = [{"filename": f"{i:05d}.jpg", "sentences": [{"raw": "a scene " * (i % 9)}], "imgid": i}
+               for i in range(2000)]
+    text = json.dumps({"images": records, "dataset": "x"}, indent=indent)
+    decoder, chunk = Counting(), 4096
+    doc = JSONStream(io.StringIO(text), decoder, chunk_chars=chunk)
+    got = {key: list(doc.elements()) if key == "images" else doc.value() for key in doc.keys()}
+    doc.end()
+    assert got == {"images": records, "dataset": "x"}
+    assert decoder.calls <= len(records) + 4 + 3 * (len(text) // chunk + 1)  # keys, dataset, retries at chunk ends
+
+
 def _karpathy(records: list[dict], dataset_last: bool) -> str:
     body = json.dumps(records, indent=1)
     return (f'{{"images": {body},\r\n "dataset": "rsicd"}}' if dataset_last

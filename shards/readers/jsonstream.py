@@ -16,6 +16,7 @@ from typing import IO
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 _NUMBER_TAIL = re.compile(r"[0-9+\-.eE]*\Z")  # what a number cut by the buffer's end may be followed by
+_NEXT = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")  # what follows a list's element: its separator
 _MAX_VALUE_CHARS = 64 << 20  # a value that fails to decode with this much text after its start is invalid
 
 
@@ -159,17 +160,32 @@ class JSONStream:
             self._take(",", "Expecting ',' delimiter")
 
     def elements(self) -> Iterator:
-        """Decode the list at the stream's position one element at a time."""
+        """Decode the list at the stream's position one element at a time. An element that the buffer
+        holds up to its separator takes one decoder call and one match (a file's records: most of
+        its time); one cut by the buffer's end, or invalid, takes :meth:`value`'s way."""
         self._take("[", "Expecting value")
         if self.peek() == "]":
             self._pos += 1
             return
+        decode, separator = self._decoder.raw_decode, _NEXT.match
         while True:
+            try:
+                obj, end = decode(self._buf, self._pos)
+                sep = separator(self._buf, end)
+            except json.JSONDecodeError:
+                sep = None
+            if sep is not None:  # a value cut by the buffer's end is not followed by its separator in it
+                self._pos = sep.end()
+                yield obj
+                if sep.group(1) == "]":
+                    return
+                continue
             yield self.value()
             if self.peek() == "]":
                 self._pos += 1
                 return
             self._take(",", "Expecting ',' delimiter")
+            self.peek()  # at the next element, where the decoder starts
 
     def end(self) -> None:
         """Check that only whitespace follows the document."""
