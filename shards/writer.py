@@ -359,13 +359,13 @@ def write_shards(
     if ray_address is not None and workers > 1:
         raise ValueError("workers and ray_address exclude each other (Ray runs a task per CPU of its cluster)")
 
-    executor = process_pool(workers, __name__) if workers > 1 else None  # starts while the annotations are read
     drafts: dict[str, list[ShardPlan]] = {}  # a one-pass write's: what its tasks were given,
     found: dict[str, ImageInfo] = {}  # what they saw (by sample key)
     drafted: dict[str, ShardInfo] = {}  # and the shards they wrote
     salt = content_salt(resize)
     options = {"corpus": corpus, "shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize,
                "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
+    executor = process_pool(workers, __name__) if workers > 1 else None  # starts while the annotations are read
     try:
         size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: the reader raises
         with progress_bar(size, "annotations", progress, unit="B") as bar:

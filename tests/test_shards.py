@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -217,6 +218,18 @@ def test_invalid_json_and_schema_are_fatal(tmp_path):
         read_annotations(bad_schema, images)
     with pytest.raises(InputError, match="annotation file not found"):
         read_annotations(tmp_path / "nope.json", images)
+
+
+def test_bad_annotations_with_workers_leave_no_process_and_no_output(tmp_path):
+    """The worker processes start before the annotations are read: a bad file stops them again."""
+    images = tmp_path / "images"
+    images.mkdir()
+    bad = tmp_path / "dataset_rsicd.json"
+    bad.write_text('{"images": [\n  {"filename": "a.jpg",}\n]}')
+    with pytest.raises(InputError, match=r"^dataset_rsicd.json: invalid JSON at line 2 column 24"):
+        write_shards(bad, images, str(tmp_path / "out"), workers=2, progress=False)
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------
