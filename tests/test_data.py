@@ -111,6 +111,7 @@ def test_image_transform_resizes_shorter_side_and_crops_to_uint8_chw():
     assert out[:, 10, 10].tolist() == [255, 128, 7]  # channels first; the centre of the crop is the band
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on 2 cores, on purpose
 def test_embed_split_through_loader_workers_is_the_in_process_result(uneven_shards, tokenizer):
     """Workers decode interleaved batches; the DataLoader hands them back in order: same embeddings, same recalls."""
     cfg = resolve_config("small", ["image.size=32"])
