@@ -156,7 +156,7 @@ def best_of(repeat: int, fn) -> tuple[float, object]:
     return best, result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, help="images to generate (default: 5000 tiny, 4000 rsicd, 2000 rsitmd)")
     ap.add_argument("--like", choices=sorted(LIKE), default="tiny",
@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--driver-memory", action="store_true",
                     help="also trace one more write (tracemalloc: slower) and print its peak bytes a sample")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.small:
         args.n, args.repeat, args.annotations = 200, 1, min(args.annotations, 2000)
     args.n = args.n or LIKE[args.like][2]

@@ -1,5 +1,6 @@
 """Smoke test of ``python -m msa.bench``: it runs end to end on the CPU at --tiny sizes. No timing assertions."""
 
+import importlib.util
 import json
 import math
 import os
@@ -227,8 +228,9 @@ def test_help_explains_every_option(capsys):
 
 
 def test_gpu_check_script_runs_valid_bench_commands():
-    """bench/gpu_check.sh runs only on a GPU machine: here its shell parses and every msa.bench command in it
-    is accepted by the benchmark's own parser (a renamed option would otherwise surface on a lent GPU)."""
+    """bench/gpu_check.sh runs only on a GPU machine: here its shell parses and every msa.bench and
+    bench_shards.py command in it is accepted by that benchmark's own parser (a renamed option would
+    otherwise surface on a lent GPU)."""
     script = ROOT / "bench" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
     text = script.read_text().replace("\\\n", " ")
@@ -241,6 +243,14 @@ def test_gpu_check_script_runs_valid_bench_commands():
         args = [a.strip('"') for a in command.replace('"$b"', "32").replace("$out", "out").split()]
         parser.parse_args(args)
     assert "tests/test_gpu.py" in text
+    shard_steps = [line.split("bench_shards.py", 1)[1] for line in text.splitlines()
+                   if line.strip().startswith("step ") and "bench_shards.py" in line]
+    assert len(shard_steps) == 1
+    spec = importlib.util.spec_from_file_location("bench_shards", ROOT / "bench" / "bench_shards.py")
+    bench_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_shards)
+    shard_args = bench_shards.build_parser().parse_args(shard_steps[0].replace('"$work"', "/tmp").split())
+    assert shard_args.scaling and shard_args.like == "rsicd"
 
 
 def test_rejects_unknown_sections():
