@@ -235,16 +235,20 @@ def test_gpu_check_script_runs_valid_bench_commands():
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=60)
     text = script.read_text().replace("\\\n", " ")
     text = text.replace("$bench", re.search(r'^bench="(.*)"$', text, re.M).group(1))
-    commands = [line.split("msa.bench", 1)[1] for line in text.splitlines()
-                if "msa.bench" in line and line.strip().startswith("step ")]
+
+    def step_args(program: str) -> list[str]:
+        """What follows ``program`` on each ``step`` line that runs it."""
+        return [line.split(program, 1)[1] for line in text.splitlines()
+                if line.strip().startswith("step ") and program in line]
+
+    commands = step_args("msa.bench")
     assert len(commands) == 4
     parser = build_parser()
     for command in commands:
         args = [a.strip('"') for a in command.replace('"$b"', "32").replace("$out", "out").split()]
         parser.parse_args(args)
     assert "tests/test_gpu.py" in text
-    shard_steps = [line.split("bench_shards.py", 1)[1] for line in text.splitlines()
-                   if line.strip().startswith("step ") and "bench_shards.py" in line]
+    shard_steps = step_args("bench_shards.py")
     assert len(shard_steps) == 1
     spec = importlib.util.spec_from_file_location("bench_shards", ROOT / "bench" / "bench_shards.py")
     bench_shards = importlib.util.module_from_spec(spec)
