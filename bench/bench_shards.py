@@ -22,7 +22,9 @@ checks + digest, nothing written), an incremental rerun after one caption change
 more write (with ``--workers``: the driver's objects only) and prints its peak bytes a sample, what grows
 with the corpus. ``--annotations N`` measures the memory the annotation reader needs (part of the
 driver's, whatever the workers) on N records shaped like RSICD's (raw text, tokens and ids per
-sentence), against ``json.loads`` of the whole document.
+sentence), against ``json.loads`` of the whole document; with ``--workers``, also how long those records
+take as JSONL read here and read in parts by the workers, and this process's CPU a record either way.
+``--jsonl`` writes the generated corpus's annotations as JSONL (the layout the workers read in parts).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from shards.distributed import process_pool  # noqa: E402
 from shards.manifest import verify_shards  # noqa: E402
 from shards.readers import image_digest, read_annotations  # noqa: E402
 from shards.writer import write_shards  # noqa: E402
@@ -56,9 +59,10 @@ from shards.writer import write_shards  # noqa: E402
 LIKE = {"tiny": (None, "JPEG", 5000), "rsicd": (224, "JPEG", 4000), "rsitmd": (256, "TIFF", 2000)}
 
 
-def make_corpus(root: Path, n: int, seed: int = 0, like: str = "tiny") -> Path:
+def make_corpus(root: Path, n: int, seed: int = 0, like: str = "tiny", jsonl: bool = False) -> Path:
     """n images in root/images, 80/10/10 split, 5 captions each. ``tiny``: random-noise JPEGs of
-    56-128 px (about 2-10 KB); ``rsicd``: 224 px JPEGs; ``rsitmd``: 256 px uncompressed RGB TIFFs."""
+    56-128 px (about 2-10 KB); ``rsicd``: 224 px JPEGs; ``rsitmd``: 256 px uncompressed RGB TIFFs.
+    Annotations in Karpathy JSON, or with ``jsonl`` a record a line (``captions`` lists)."""
     side, fmt, _ = LIKE[like]
     ext = {"JPEG": "jpg", "TIFF": "tif"}[fmt]
     images = root / "images"
@@ -79,9 +83,19 @@ def make_corpus(root: Path, n: int, seed: int = 0, like: str = "tiny") -> Path:
         split = "train" if i % 10 < 8 else ("val" if i % 10 == 8 else "test")
         records.append({"filename": name, "imgid": i, "split": split,
                         "sentences": [{"raw": f"a synthetic scene number {i}, view {j}"} for j in range(5)]})
-    ann = root / "dataset_bench.json"
-    ann.write_text(json.dumps({"images": records, "dataset": "bench"}))
+    if jsonl:
+        ann = root / "bench.jsonl"
+        ann.write_text("".join(json.dumps(jsonl_record(r)) + "\n" for r in records))
+    else:
+        ann = root / "dataset_bench.json"
+        ann.write_text(json.dumps({"images": records, "dataset": "bench"}))
     return ann
+
+
+def jsonl_record(rec: dict) -> dict:
+    """A Karpathy record as a generic JSONL one."""
+    return {"filename": rec["filename"], "imgid": rec["imgid"], "split": rec["split"],
+            "captions": [s["raw"] for s in rec["sentences"]]}
 
 
 def karpathy_like(path: Path, n: int, seed: int = 0) -> None:
@@ -138,6 +152,35 @@ def annotation_memory(n: int, work: Path) -> dict:
             "json_loads_peak_bytes": peak_json}
 
 
+def annotation_tasks(n: int, work: Path, workers: int) -> dict:
+    """Reading n RSICD-like records as JSONL in this process, then in parts by ``workers`` processes
+    (started and warm first): wall time and this process's CPU a record, what bounds any cluster."""
+    path = work / "annotations.jsonl"
+    karpathy_like(work / "annotations.json", n)
+    records = json.loads((work / "annotations.json").read_text())["images"]
+    path.write_text("".join(json.dumps({**jsonl_record(r), "split": "train"}) + "\n" for r in records))
+    del records
+
+    def timed(tasks) -> tuple[float, float]:
+        gc.disable()  # as write_shards runs it
+        try:
+            t, c = time.perf_counter(), time.process_time()
+            read_annotations(path, work, corpus="bench", tasks=tasks)
+            return time.perf_counter() - t, time.process_time() - c
+        finally:
+            gc.enable()
+
+    serial = timed(None)
+    with process_pool(workers, "shards.readers") as pool:
+        list(pool.map(len, [[]] * workers))  # every worker started and importing done
+        parted = timed(lambda: pool.map)
+    print(f"annotations  : {n} JSONL records in this process {serial[0]:.2f} s ({serial[1] / n * 1e6:.1f} us/record), "
+          f"in parts by {workers} workers {parted[0]:.2f} s ({parted[1] / n * 1e6:.1f} us/record in this process: "
+          f"at most {serial[1] / parted[1]:.1f}x faster on any cluster)")
+    return {"records": n, "serial_s": serial[0], "serial_cpu_s": serial[1], "tasks_s": parted[0],
+            "tasks_cpu_s": parted[1], "workers": workers}
+
+
 def find_annotations(corpus: Path) -> Path:
     if corpus.is_file():
         return corpus
@@ -167,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--corpus", type=Path, help="use this corpus (folder with dataset*.json and images/, or an "
                                                 "annotation file next to images/) instead of generating one")
     ap.add_argument("--images", type=Path, help="image folder for --corpus (default: <corpus>/images)")
+    ap.add_argument("--jsonl", action="store_true",
+                    help="generated annotations as JSONL (read in parts by the workers) instead of Karpathy JSON")
     ap.add_argument("--workers", type=int, default=1, help="write_shards worker processes (default: 1)")
     ap.add_argument("--resize", type=int, help="re-encode to this shorter side (not comparable with tar)")
     ap.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
@@ -194,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             images = args.images or ann.parent / "images"
         else:
             t = time.perf_counter()
-            ann = make_corpus(work / "corpus", args.n, like=args.like)
+            ann = make_corpus(work / "corpus", args.n, like=args.like, jsonl=args.jsonl)
             images = ann.parent / "images"
             print(f"generated {args.n} images in {time.perf_counter() - t:.1f} s")
         files = sorted(p for p in images.rglob("*") if p.is_file())
@@ -222,13 +267,24 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         def run_edited(ann: Path, images: Path, uri: str):
-            """Re-shard into ``uri`` after changing one caption (Karpathy layout only; else None)."""
-            doc = json.loads(ann.read_text())
-            if not isinstance(doc, dict) or not doc.get("images"):
-                return None
-            doc["images"][0]["sentences"][0]["raw"] = "an edited caption"
+            """Re-shard into ``uri`` after changing one caption (Karpathy layout, or JSONL with ``captions``
+            lists; else None)."""
+            text = ann.read_text()
+            first, _, rest = text.partition("\n")
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError:  # JSONL: the first record's first caption
+                record = json.loads(first)
+                if not isinstance(record, dict) or not isinstance(record.get("captions"), list):
+                    return None
+                record["captions"][0] = "an edited caption"
+                doc = None
+            else:
+                if not isinstance(doc, dict) or not doc.get("images"):
+                    return None
+                doc["images"][0]["sentences"][0]["raw"] = "an edited caption"
             edited = work / ann.name
-            edited.write_text(json.dumps(doc))
+            edited.write_text(json.dumps(doc) if doc is not None else json.dumps(record) + "\n" + rest)
             return write_shards(edited, images, uri, workers=args.workers, resize=args.resize,
                                 shard_size=args.shard_size, progress=False)
 
@@ -303,13 +359,16 @@ def main(argv: list[str] | None = None) -> int:
             kept = " (in-process: with image bytes kept for the write, up to 512 MB)" if args.workers == 1 else ""
             print(f"driver mem   : peak {driver_peak / n:7.0f} bytes a sample traced in this process{kept}")
         memory = annotation_memory(args.annotations, work) if args.annotations else None
+        in_tasks = None
+        if args.annotations and args.workers > 1:
+            in_tasks = annotation_tasks(args.annotations, work, args.workers)
         if args.json:
             print(json.dumps({"images": n, "bytes": total, "tar_s": t_tar, "hash_s": t_hash, "pytar_s": t_pytar,
-                              "shards_s": t_shards, "annotations": memory, "driver_peak_bytes": driver_peak,
-                              "shards_cpu_s": cpu_here, "shards_workers_cpu_s": cpu_workers, "ratio": ratio,
-                              "rerun_s": t_rerun, "incremental_s": t_incr,
-                              "verify_s": t_verify, "workers": args.workers, "cpus": os.cpu_count(),
-                              "scaling_images_per_s": scaling}))
+                              "shards_s": t_shards, "annotations": memory, "annotations_in_tasks": in_tasks,
+                              "driver_peak_bytes": driver_peak, "shards_cpu_s": cpu_here,
+                              "shards_workers_cpu_s": cpu_workers, "ratio": ratio, "rerun_s": t_rerun,
+                              "incremental_s": t_incr, "verify_s": t_verify, "workers": args.workers,
+                              "cpus": os.cpu_count(), "scaling_images_per_s": scaling}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -3,7 +3,8 @@
 # an H200): the CUDA tests, then `python -m msa.bench` for the paper preset (eager bf16 with every section,
 # compiled bf16 per batch size with a profile, fp32 as the reference ran) and the clip-vit-b32 preset. Last, as
 # such a machine has more cores than the development one, sharding's throughput against 1, 2, 4, ... worker
-# processes (bench/bench_shards.py --scaling, about a minute), in tmpfs when it has room.
+# processes on a JSONL corpus (read in parts by the workers), and the driver's share of reading 100,000
+# records (bench/bench_shards.py --scaling, about two minutes), in tmpfs when it has room.
 #
 #   bench/gpu_check.sh [OUT]     logs and JSON reports into OUT (default: gpu-check/); PYTHON picks the interpreter
 #
@@ -37,6 +38,6 @@ step() {
         --json "$out/clip.json"
     shm=$(df --output=avail -k /dev/shm 2>/dev/null | tail -1)
     work=$([ "${shm:-0}" -gt 2000000 ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")
-    step 150 shard-scaling "$py" bench/bench_shards.py --like rsicd --n 20000 --work "$work" --repeat 2 --workers 4 \
-        --scaling --annotations 0 --json
+    step 180 shard-scaling "$py" bench/bench_shards.py --like rsicd --n 20000 --jsonl --work "$work" --repeat 2 \
+        --workers 4 --scaling --annotations 100000 --json
 } 2>&1 | tee "$out/log.txt"

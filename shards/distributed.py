@@ -40,13 +40,16 @@ class Executor:
                  close: Callable[[], None], cancel: Callable[[cf.Future], None]):
         self._submit, self.window, self._close, self._cancel = submit, window, close, cancel
 
-    def map(self, fn: Callable, batches: Iterable, weight: Callable[[object], int], bar) -> Iterator:
-        """``fn(batch)`` for every batch, in order; ``bar`` advances by ``weight(batch)`` as each ends."""
+    def map(self, fn: Callable, batches: Iterable, weight: Callable[[object], int] | None = None,
+            bar=None) -> Iterator:
+        """``fn(batch)`` for every batch, in order; ``bar`` (if any) advances by ``weight(batch)`` as each ends."""
         pending: collections.deque[cf.Future] = collections.deque()
         try:
             for batch in batches:
-                fut, w = self._submit(fn, batch), weight(batch)
-                fut.add_done_callback(lambda _f, w=w: bar.update(w))
+                fut = self._submit(fn, batch)
+                if bar is not None:
+                    w = weight(batch)
+                    fut.add_done_callback(lambda _f, w=w: bar.update(w))
                 pending.append(fut)
                 if len(pending) >= self.window:
                     yield pending.popleft().result()

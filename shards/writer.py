@@ -59,7 +59,7 @@ from .manifest import (
     dataset_digest,
 )
 from .plan import content_salt, final_plan, plan_shards, unchanged_shards
-from .readers import ImageInfo, InputError, Listing, Problem, Sample, inspect_image, read_annotations
+from .readers import ImageInfo, InputError, Listing, MapTasks, Problem, Sample, inspect_image, read_annotations
 from .shardfile import (
     TAR_MTIME,
     CheckOptions,
@@ -366,14 +366,24 @@ def write_shards(
     options = {"corpus": corpus, "shard_size": shard_size, "shard_bytes": shard_bytes, "resize": resize,
                "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
     executor = process_pool(workers, __name__) if workers > 1 else None  # starts while the annotations are read
+
+    def annotation_tasks() -> MapTasks:
+        """Ray starts here only for a layout read in tasks (JSONL): any other is read first, so that a
+        bad file fails before a cluster starts."""
+        nonlocal executor
+        if executor is None:
+            executor = ray_executor(ray_address)
+        return executor.map
+
     try:
         size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: the reader raises
         with progress_bar(size, "annotations", progress, unit="B") as bar:
-            listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update)
+            listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update,
+                                       tasks=annotation_tasks if workers > 1 or ray_address is not None else None)
         samples = listing.samples
         store = Store(out_uri, storage_options)
         old = _previous(store)
-        if ray_address is not None:  # after the annotations: bad ones fail before a cluster starts
+        if ray_address is not None and executor is None:
             executor = ray_executor(ray_address)
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
         one_pass = old is None and not doomed

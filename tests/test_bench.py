@@ -254,7 +254,7 @@ def test_gpu_check_script_runs_valid_bench_commands():
     bench_shards = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_shards)
     shard_args = bench_shards.build_parser().parse_args(shard_steps[0].replace('"$work"', "/tmp").split())
-    assert shard_args.scaling and shard_args.like == "rsicd"
+    assert shard_args.scaling and shard_args.like == "rsicd" and shard_args.jsonl
 
 
 def test_rejects_unknown_sections():

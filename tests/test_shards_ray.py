@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shards import cli, writer
+from shards.readers import generic
 from shards.manifest import verify_shards
 from shards.writer import write_shards
 
@@ -43,3 +44,26 @@ def test_ray_sharding_equals_single_process_byte_for_byte(ray_cluster, tiny_corp
     assert summary["status"] == "written" and summary["digest"] == local.digest
     assert summary["shards_rewritten"] == len(local.shards()) and summary["shards_reused"] == 0
     assert _files(tmp_path / "cli") == _files(tmp_path / "local")
+
+
+def test_ray_reads_a_jsonl_file_in_tasks_and_writes_the_same_set(ray_cluster, tiny_corpus, tmp_path, monkeypatch):
+    """A JSONL file's parts are checked as Ray tasks; the set is the single process's."""
+    ann, images = tiny_corpus
+    jsonl = tmp_path / "ann.jsonl"
+    jsonl.write_text("".join(json.dumps({"filename": r["filename"], "split": r["split"],
+                                         "captions": [s["raw"] for s in r["sentences"]]}) + "\n"
+                             for r in json.loads(Path(ann).read_text())["images"]))
+    local = write_shards(jsonl, images, str(tmp_path / "local"), shard_size=6, progress=False)
+    monkeypatch.setattr(generic, "_PART_BYTES", 1000)
+    parts: list[int] = []
+    cut = generic._jsonl_parts
+
+    def counted(*args):
+        for part in cut(*args):
+            parts.append(part.first_line)
+            yield part
+
+    monkeypatch.setattr(generic, "_jsonl_parts", counted)
+    distributed = write_shards(jsonl, images, str(tmp_path / "ray"), shard_size=6, progress=False, ray_address="auto")
+    assert len(parts) > 3  # the driver cut the file into parts for the tasks
+    assert distributed.digest == local.digest and _files(tmp_path / "ray") == _files(tmp_path / "local")

@@ -45,7 +45,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .corpora import KNOWN_CORPORA, CorpusSpec, detect_corpus
-from .generic import read_generic
+from .generic import MapTasks, TaskRunner, read_generic
 from .images import MEMBER_EXT_LEN, ImageInfo, encode_image, image_digest, inspect_image, read_file, reencode
 from .jsonstream import OnRead, first_char
 from .karpathy import read_karpathy
@@ -61,6 +61,8 @@ __all__ = [
     "read_annotations",
     "read_karpathy",
     "read_generic",
+    "MapTasks",
+    "TaskRunner",
     "detect_corpus",
     "inspect_image",
     "encode_image",
@@ -74,10 +76,14 @@ __all__ = [
 
 
 def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | None = None, *,
-                     on_read: OnRead | None = None) -> Listing:
+                     on_read: OnRead | None = None, tasks: TaskRunner | None = None) -> Listing:
     """Read any supported layout: ``.json`` holding an ``images`` object -> Karpathy, otherwise
     generic (JSON list, ``.jsonl``, ``.csv``, ``.tsv``). ``on_read(n)`` is told of each ``n`` bytes
-    read (a progress bar's ``update``: a corpus of millions of records takes minutes to read)."""
+    read (a progress bar's ``update``: a corpus of millions of records takes minutes to read).
+    ``tasks()``, called when the layout is one read in tasks, gives a function that runs a function over
+    items elsewhere, in order: a JSONL file's records are parsed and checked there, a part of the file
+    each (the only layout whose records can be found without parsing what precedes them); the listing
+    is the same."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: annotation file not found")
@@ -88,5 +94,5 @@ def read_annotations(path: str | Path, images_dir: str | Path, corpus: str | Non
             raise read_error(path, exc) from exc
         if karpathy:
             return read_karpathy(path, images_dir, corpus, on_read=on_read)
-    return read_generic(path, images_dir, corpus, on_read=on_read)
+    return read_generic(path, images_dir, corpus, on_read=on_read, tasks=tasks)
 

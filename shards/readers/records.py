@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .corpora import CorpusSpec
@@ -85,6 +85,16 @@ class Sample:
     def captions(self) -> tuple[str, ...]:
         """The captions, decoded from ``meta``."""
         return tuple(json.loads(self.meta)["captions"])
+
+
+
+class Checked(NamedTuple):
+    """A record that passed every check one record alone allows (:meth:`_Builder.check`)."""
+
+    where: str  # the record's place in its file
+    rel: str  # its image path, normalised: what a duplicate repeats
+    blank: int  # blank captions dropped
+    sample: Sample
 
 
 def corpus_slug(name: str) -> str:
@@ -169,68 +179,81 @@ class _Builder:
 
     def add(self, where: str, filename, split, captions, image_id) -> None:
         """Validate one record and append a Sample or a Problem. ``where`` names the record."""
-        L = self.listing
+        checked = self.check(where, filename, split, captions, image_id)
+        if checked is not None:
+            self.accept(checked)
+
+    def check(self, where: str, filename, split, captions, image_id) -> Checked | None:
+        """What one record alone can tell: its sample, or None after appending its problem. The
+        duplicate checks need every earlier record (:meth:`accept`); a task reading part of a file
+        runs this half (:mod:`.generic`)."""
         if not isinstance(filename, str) or not filename.strip():
             self.problem(where, "missing or empty image filename")
-            return
+            return None
         bad = None if filename.isascii() else _bad_text(filename)
         if bad:
             self.problem(where, f"image filename is not valid UTF-8 ({bad})")
-            return
+            return None
         src = filename
         if split is None:
             self.problem(src, "missing split")
-            return
+            return None
         known = self.splits.get(split) if isinstance(split, str) else None
         if known is None:
             if not (isinstance(split, str) and SPLIT_RE.match(split)):
                 self.problem(src, f"invalid split {split!r} (expected letters, digits, '_' or '-')")
-                return
+                return None
             self.splits[split] = known = split
         split = known
         if filename.startswith(("/", "\\")) or _DRIVE.match(filename):
             self.problem(src, "absolute image path escapes the image folder", split)
-            return
+            return None
         if "/" in filename or "\\" in filename or filename == ".":
             parts = [x for x in filename.replace("\\", "/").split("/") if x not in ("", ".")]
         else:
             parts = [filename]  # a plain file name (the common case)
         if ".." in parts:
             self.problem(src, "image path escapes the image folder ('..')", split)
-            return
+            return None
         if not parts:
             self.problem(where, "missing or empty image filename")
-            return
+            return None
         rel = "/".join(parts)
-        key = sample_key(L.corpus, rel)
+        key = sample_key(self.listing.corpus, rel)
         if not isinstance(captions, list):
             self.problem(src, "no captions (missing or not a list)", split, key)
-            return
+            return None
         texts = _plain_captions(captions)
         if texts is None:  # not all ASCII text: checked one by one
             texts = self._captions(src, split, key, captions)
             if texts is None:
-                return
-        blank = len(captions) - len(texts)
+                return None
         if not texts:
             self.problem(src, "no captions (empty list or only blank captions)", split, key)
-            return
-        if blank:
-            L.warnings.append(f"{src}: dropped {blank} blank caption(s)")
-        if rel in self.seen_files:
-            self.problem(src, f"duplicate filename (first listed at {self.seen_files[rel]})", split, key)
-            return
-        if key in self.seen_keys:
-            self.problem(src, f"sample key {key!r} collides with {self.seen_keys[key]}", split, key)
-            return
-        self.seen_files[rel] = where
-        self.seen_keys[key] = filename
-        if self.expected_captions and len(texts) != self.expected_captions:
-            L.warnings.append(f"{src}: {len(texts)} captions, {L.corpus} expects {self.expected_captions}")
+            return None
         if image_id is None or isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
             image_id = parts[-1].rsplit(".", 1)[0] if "." in parts[-1] else parts[-1]
         image_path = self.images_prefix + rel if len(parts) == 1 else os.path.join(self.images_dir, *parts)
-        L.samples.append(Sample.of(L.corpus, key, split, filename, image_path, texts, image_id))
+        sample = Sample.of(self.listing.corpus, key, split, filename, image_path, texts, image_id)
+        return Checked(where, rel, len(captions) - len(texts), sample)
+
+    def accept(self, checked: Checked) -> None:
+        """Append a checked record's sample, or its problem if it repeats an earlier filename or key."""
+        L, s = self.listing, checked.sample
+        if checked.blank:
+            L.warnings.append(f"{s.filename}: dropped {checked.blank} blank caption(s)")
+        if checked.rel in self.seen_files:
+            self.problem(s.filename, f"duplicate filename (first listed at {self.seen_files[checked.rel]})",
+                         s.split, s.key)
+            return
+        if s.key in self.seen_keys:
+            self.problem(s.filename, f"sample key {s.key!r} collides with {self.seen_keys[s.key]}", s.split, s.key)
+            return
+        self.seen_files[checked.rel] = checked.where
+        self.seen_keys[s.key] = s.filename
+        if self.expected_captions and s.caption_count != self.expected_captions:
+            L.warnings.append(f"{s.filename}: {s.caption_count} captions, {L.corpus} expects {self.expected_captions}")
+        L.samples.append(s)
 
     def _captions(self, src: str, split: str, key: str, captions: list) -> list[str] | None:
         """The non-blank captions, stripped; None after reporting the first one that is not valid text."""
