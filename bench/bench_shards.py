@@ -155,9 +155,10 @@ def annotation_memory(n: int, work: Path) -> dict:
 def annotation_tasks(n: int, work: Path, workers: int) -> dict:
     """Reading n RSICD-like records as JSONL in this process, then in parts by ``workers`` processes
     (started and warm first): wall time and this process's CPU a record, what bounds any cluster."""
-    path = work / "annotations.jsonl"
-    karpathy_like(work / "annotations.json", n)
-    records = json.loads((work / "annotations.json").read_text())["images"]
+    path, source = work / "annotations.jsonl", work / "dataset_memory.json"
+    if not source.exists():  # annotation_memory's records, else the same again
+        karpathy_like(source, n)
+    records = json.loads(source.read_text())["images"]
     path.write_text("".join(json.dumps({**jsonl_record(r), "split": "train"}) + "\n" for r in records))
     del records
 

@@ -48,6 +48,7 @@ def test_jsonl_parts_read_as_the_serial_reader_reads(tmp_path, monkeypatch, part
     _tricky_jsonl(ann)
     serial = read_annotations(ann, tmp_path / "images", corpus="rsicd")  # 5 captions expected: count warnings
     monkeypatch.setattr(generic, "_PART_BYTES", part_bytes)
+    monkeypatch.setattr(generic, "_TASKS_MIN_BYTES", 0)
     tasks_seen: list[int] = []
 
     def tasks(fn, parts):
@@ -78,12 +79,27 @@ def test_jsonl_parts_read_as_the_serial_reader_reads(tmp_path, monkeypatch, part
     assert parted.samples[-2].captions == ("caf\u00e9 \u2713", "line\u2028sep")
 
 
+def test_a_jsonl_file_under_the_threshold_is_read_here(tmp_path, monkeypatch):
+    """Below ``_TASKS_MIN_BYTES`` the tasks are not asked for (the workers are still starting)."""
+    ann = tmp_path / "ann.jsonl"
+    _tricky_jsonl(ann)
+    monkeypatch.setattr(generic, "_PART_BYTES", 100)
+    asked: list[bool] = []
+    listing = read_annotations(ann, tmp_path / "images", tasks=lambda: asked.append(True) or map)
+    assert asked == [] and ann.stat().st_size < generic._TASKS_MIN_BYTES
+    assert listing == read_annotations(ann, tmp_path / "images") and len(listing.samples) == 46
+    monkeypatch.setattr(generic, "_TASKS_MIN_BYTES", ann.stat().st_size)
+    assert read_annotations(ann, tmp_path / "images", tasks=lambda: asked.append(True) or map) == listing
+    assert asked == [True]
+
+
 def test_jsonl_parts_in_worker_processes(tmp_path, monkeypatch):
     """Parts and their results cross process boundaries (pickled) unchanged."""
     ann = tmp_path / "ann.jsonl"
     _tricky_jsonl(ann)
     serial = read_annotations(ann, tmp_path / "images")
     monkeypatch.setattr(generic, "_PART_BYTES", 500)
+    monkeypatch.setattr(generic, "_TASKS_MIN_BYTES", 0)
     with process_pool(2, "shards.readers") as pool:
         parted = read_annotations(ann, tmp_path / "images", tasks=lambda: pool.map)
     assert parted == serial and len(serial.samples) == 46 and len(serial.problems) == 7
@@ -101,6 +117,7 @@ def test_jsonl_corpus_sharded_by_workers_is_the_single_process_set(tiny_corpus, 
     jsonl.write_text("\n".join(lines) + "\n")
     local = write_shards(jsonl, images, str(tmp_path / "local"), shard_size=6, on_error="skip", progress=False)
     monkeypatch.setattr(generic, "_PART_BYTES", 2000)  # several parts
+    monkeypatch.setattr(generic, "_TASKS_MIN_BYTES", 0)
     assert jsonl.stat().st_size > 4 * 2000
     pooled = write_shards(jsonl, images, str(tmp_path / "pool"), shard_size=6, on_error="skip", progress=False,
                           workers=2)

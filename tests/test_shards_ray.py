@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from shards import cli, writer
-from shards.readers import generic
 from shards.manifest import verify_shards
+from shards.readers import generic
 from shards.writer import write_shards
 
 pytestmark = pytest.mark.slow
@@ -55,6 +55,7 @@ def test_ray_reads_a_jsonl_file_in_tasks_and_writes_the_same_set(ray_cluster, ti
                              for r in json.loads(Path(ann).read_text())["images"]))
     local = write_shards(jsonl, images, str(tmp_path / "local"), shard_size=6, progress=False)
     monkeypatch.setattr(generic, "_PART_BYTES", 1000)
+    monkeypatch.setattr(generic, "_TASKS_MIN_BYTES", 0)
     parts: list[int] = []
     cut = generic._jsonl_parts
 
