@@ -87,7 +87,6 @@ class Sample:
         return tuple(json.loads(self.meta)["captions"])
 
 
-
 class Checked(NamedTuple):
     """A record that passed every check one record alone allows (:meth:`_Builder.check`)."""
 
