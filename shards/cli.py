@@ -318,10 +318,11 @@ def _add_shard(subparsers, json_stdout) -> None:
                    help="re-encode images so the shorter side is at most PX pixels (JPEG stays JPEG at quality "
                         "95; PNG and TIFF become PNG); default: store the original bytes")
     g.add_argument("--workers", type=_positive, metavar="N",
-                   help="local processes checking images and writing shards; the output does not depend on it "
-                        "(default: 1)")
+                   help="local processes checking images and writing shards (and the records of a JSONL file of "
+                        "16 MiB or more); the output does not depend on it (default: 1)")
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="check images and write shards as Ray tasks, with the same output: on the cluster at "
+                   help="check images and write shards (and a large JSONL file's records) as Ray tasks, with the "
+                        "same output: on the cluster at "
                         "ADDRESS (host:port, ray://host:port, 'auto'), else at RAY_ADDRESS, else on a local cluster "
                         "started for the run; images must be readable from every node (put it after ANNOTATIONS, "
                         "or write --ray=ADDRESS)")
