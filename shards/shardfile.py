@@ -78,11 +78,11 @@ def tar_header(name: str, size: int) -> bytes:
     return b"".join((raw, _ZEROS[: 100 - len(raw)], _H_MID, size_field, _H_MTIME, chksum, _H_TAIL))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Member:
     """One sample as the write phase needs it: where its image is, what the check phase saw there
-    (size, digest, member extension) and its json member. Slotted and pickled as its fields, as
-    :class:`~shards.readers.ImageInfo` is (one per sample, in the driver's plans and its tasks)."""
+    (size, digest, member extension) and its json member. Slotted, pickled as its fields and not
+    frozen, as :class:`~shards.readers.ImageInfo` is (one per sample, in the driver's plans and its tasks)."""
 
     key: str
     path: str
