@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from operator import itemgetter
 
 from .assign import cut, order_hash
 from .manifest import SCHEMA_VERSION, Manifest, ShardInfo, shard_name
@@ -28,15 +29,17 @@ def plan_shards(good: list[tuple[Sample, ImageInfo]], *, shard_size: int, shard_
                 salt: str | None) -> dict[str, list[ShardPlan]]:
     """Split -> its shards, in name order (:mod:`shards.assign`); ``salt`` None: drafts, whose
     content keys are left empty (their tasks compute them)."""
-    by_split: dict[str, list[tuple[int, Sample, ImageInfo]]] = defaultdict(list)
+    by_split: dict[str, list[tuple[int, int, Member]]] = defaultdict(list)
+    # Members and their sizes are made in the corpus' order, the order the samples lie in memory: made after the
+    # sort by h, each read a sample from anywhere (80,000 samples: 2-4 us a sample more, cache misses).
     for s, info in good:
-        by_split[s.split].append((order_hash(s.key), s, info))
+        member = Member(s.key, s.image_path, info.ext, info.size, info.digest, s.meta)
+        by_split[s.split].append((order_hash(s.key), member.tar_bytes(), member))
     plans: dict[str, list[ShardPlan]] = {}
     for split in sorted(by_split):
-        rows = sorted(by_split[split], key=lambda row: row[0])
-        members = [Member(s.key, s.image_path, info.ext, info.size, info.digest, s.meta)
-                   for _, s, info in rows]
-        leaves = cut([h for h, _, _ in rows], [m.tar_bytes() for m in members], shard_size, shard_bytes)
+        rows = sorted(by_split[split], key=itemgetter(0))
+        members = [m for _, _, m in rows]
+        leaves = cut([h for h, _, _ in rows], [n for _, n, _ in rows], shard_size, shard_bytes)
         plans[split] = [ShardPlan(shard_name(split, label),
                                   "" if salt is None else content_key(members[lo:hi], salt), tuple(members[lo:hi]))
                         for label, lo, hi in leaves]
