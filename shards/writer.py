@@ -59,7 +59,7 @@ from .manifest import (
     dataset_digest,
 )
 from .plan import content_salt, final_plan, plan_shards, unchanged_shards
-from .readers import ImageInfo, InputError, Listing, MapTasks, Problem, Sample, inspect_image, read_annotations
+from .readers import ImageInfo, InputError, Listing, Problem, Sample, inspect_image, read_annotations
 from .shardfile import (
     TAR_MTIME,
     CheckOptions,
@@ -367,24 +367,25 @@ def write_shards(
                "on_error": on_error, "check_leaks": check_leaks, "full_decode": full_decode}
     executor = process_pool(workers, __name__) if workers > 1 else None  # starts while the annotations are read
 
-    def annotation_tasks() -> MapTasks:
-        """Ray starts here only for a layout read in tasks (JSONL): any other is read first, so that a
-        bad file fails before a cluster starts."""
+    def started() -> Executor:
+        """The pool, or Ray started on first use: for a layout read in tasks (JSONL) when the reader asks,
+        else after the annotations are read, so that a bad file fails before a cluster starts."""
         nonlocal executor
         if executor is None:
             executor = ray_executor(ray_address)
-        return executor.map
+        return executor
 
     try:
         size = Path(annotations).stat().st_size if Path(annotations).is_file() else None  # missing: the reader raises
+        elsewhere = workers > 1 or ray_address is not None
         with progress_bar(size, "annotations", progress, unit="B") as bar:
             listing = read_annotations(annotations, images_dir, corpus, on_read=bar.update,
-                                       tasks=annotation_tasks if workers > 1 or ray_address is not None else None)
+                                       tasks=(lambda: started().map) if elsewhere else None)
         samples = listing.samples
         store = Store(out_uri, storage_options)
         old = _previous(store)
-        if ray_address is not None and executor is None:
-            executor = ray_executor(ray_address)
+        if ray_address is not None:
+            started()
         doomed = on_error == "fail" and bool(listing.problems)  # will raise after the checks: write nothing
         one_pass = old is None and not doomed
         if executor is None and one_pass and _large(_file_sizes([s.image_path for s in samples[:_CHECK_BATCH]])):
