@@ -271,21 +271,22 @@ def main(argv: list[str] | None = None) -> int:
             """Re-shard into ``uri`` after changing one caption (Karpathy layout, or JSONL with ``captions``
             lists; else None)."""
             text = ann.read_text()
-            first, _, rest = text.partition("\n")
             try:
                 doc = json.loads(text)
             except json.JSONDecodeError:  # JSONL: the first record's first caption
+                first, _, rest = text.partition("\n")
                 record = json.loads(first)
                 if not isinstance(record, dict) or not isinstance(record.get("captions"), list):
                     return None
                 record["captions"][0] = "an edited caption"
-                doc = None
+                text = json.dumps(record) + "\n" + rest
             else:
                 if not isinstance(doc, dict) or not doc.get("images"):
                     return None
                 doc["images"][0]["sentences"][0]["raw"] = "an edited caption"
+                text = json.dumps(doc)
             edited = work / ann.name
-            edited.write_text(json.dumps(doc) if doc is not None else json.dumps(record) + "\n" + rest)
+            edited.write_text(text)
             return write_shards(edited, images, uri, workers=args.workers, resize=args.resize,
                                 shard_size=args.shard_size, progress=False)
 
